@@ -1,0 +1,1 @@
+"""The LoRA Autoscaler API: typed resources, defaults and schemas, from one source."""
