@@ -144,9 +144,7 @@ class CertificateAuthority:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
         )
         if dns_names or ip_addresses:
             alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
@@ -159,7 +157,5 @@ class CertificateAuthority:
 def signing_key_pair() -> KeyPair:
     """A bare key pair (public key PEM in `cert_pem`) for signing service-account tokens."""
     key = _new_key()
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return KeyPair(public, _key_pem(key))
