@@ -215,7 +215,7 @@ class Simulator:
         await runner.setup()
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
-        site = web.SockSite(runner, sock, shutdown_timeout=0.5, backlog=2048)
+        site = web.SockSite(runner, sock, backlog=2048)
         try:
             await site.start()
         except BaseException:
