@@ -357,8 +357,8 @@ class Informer:
         key = object_key(obj)
         with self._handlers_lock:
             if etype == "DELETED":
-                old = self._delete(key)
-                self._dispatch_delete(old if old is not None else obj)
+                self._delete(key)
+                self._dispatch_delete(obj)  # the final state, as the server sent it
             else:
                 old = self._put(key, obj)
                 if old is None:
