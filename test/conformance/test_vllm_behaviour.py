@@ -1,4 +1,4 @@
-"""One test per fact of /work/shared/vllm-behaviour.md (copied into vllmsim/README.md's reference list).
+"""One test per fact of "vLLM behaviour, as measured" (vLLM 0.32, CPU build, runtime LoRA updating on).
 
 Runs against an in-process simulator by default and against a real vLLM when VLLM_URL is set (see conftest).
 Assertions match on the stable substrings the file names, not on whole messages with paths.
