@@ -37,10 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = parse_args(args)
+        sim = Simulator(config, exit_on_crash=True)
     except ConfigError as exc:
         print(f"vllm-sim: error: {exc}", file=sys.stderr)
         return 2
-    sim = Simulator(config, exit_on_crash=True)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency off Windows

@@ -21,6 +21,7 @@ number of requests admitted, finished or streaming, not in the batch size.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -120,10 +121,9 @@ class Histogram:
         """Record one value."""
         self.total += value
         self.count += 1
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-                return
+        i = bisect_left(self.buckets, value)  # first bound >= value (Prometheus buckets are "le")
+        if i < len(self.counts):
+            self.counts[i] += 1
 
 
 @dataclass

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from . import metrics
-from .config import FaultSettings, SimConfig
+from .config import ConfigError, FaultSettings, SimConfig
 from .engine import FINISHED, RUNNING, Engine, EngineParams, Request
 
 log = logging.getLogger("vllmsim")
@@ -55,6 +55,30 @@ def rank_from_path(path: str) -> int:
     """Rank of an adapter whose path does not exist on disk: a ``rank-N`` segment, else 8 (see README)."""
     found = _RANK_RE.findall(path)
     return int(found[-1]) if found else DEFAULT_RANK
+
+
+def probe_adapter(path: str, check_paths: bool) -> int | tuple[int, str]:
+    """Rank of the adapter at ``path``, or (status, reason) as vLLM would fail the load.
+
+    A path on disk needs adapter_config.json with an integer ``r``; a path that does not exist is a symbolic
+    source (rank from its ``rank-N`` part) unless ``check_paths``.
+    """
+    if not os.path.exists(path):
+        if check_paths:
+            return 404, f"No adapter found for {path}"
+        return rank_from_path(path)
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        return 404, f"No adapter found for {path}"
+    try:
+        with open(cfg_path, "rb") as fh:
+            data = orjson.loads(fh.read())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return 500, f"invalid adapter_config.json: {exc}"
+    r = data.get("r") if isinstance(data, dict) else None
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        return 500, "adapter_config.json has no valid 'r'"
+    return r
 
 
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> bytes:
@@ -143,7 +167,16 @@ class SimState:
         self.loads_failed = 0
         self.unloads = 0
         for mod in c.lora_modules:
-            self.registry[mod.name] = AdapterEntry(mod.name, mod.path, rank_from_path(mod.path), int(wall_now), True)
+            found = probe_adapter(mod.path, c.check_paths)
+            if not isinstance(found, int):
+                raise ConfigError(f"--lora-modules {mod.name}={mod.path}: {found[1]}")
+            if found > c.max_lora_rank:
+                raise ConfigError(
+                    f"--lora-modules {mod.name}: LoRA rank {found} is greater than max_lora_rank {c.max_lora_rank}"
+                )
+            if mod.name in c.served_names:
+                raise ConfigError(f"--lora-modules {mod.name}: conflicts with a served base model")
+            self.registry[mod.name] = AdapterEntry(mod.name, mod.path, found, int(wall_now), True)
             self.engine.cache_adapter(mod.name)
 
 
@@ -478,28 +511,13 @@ class Simulator:
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.", content_type="text/plain")
 
     def _adapter_rank(self, name: str, path: str) -> int | web.Response:
-        """Validate a path on disk (adapter_config.json with ``r``); a missing path follows --sim-check-paths."""
-        not_found = error_response(f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError", 404)
-        if not os.path.exists(path):
-            if self.config.check_paths:
-                return not_found
-            return rank_from_path(path)
-        cfg_path = os.path.join(path, "adapter_config.json")
-        if not os.path.isfile(cfg_path):
-            return not_found
-        try:
-            with open(cfg_path, "rb") as fh:
-                data = orjson.loads(fh.read())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            return error_response(
-                f"Loading lora {name} failed: invalid adapter_config.json: {exc}", "InternalServerError", 500
-            )
-        r = data.get("r") if isinstance(data, dict) else None
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            return error_response(
-                f"Loading lora {name} failed: adapter_config.json has no valid 'r'", "InternalServerError", 500
-            )
-        return r
+        """The adapter's rank, or vLLM's error answer for a path it cannot load."""
+        found = probe_adapter(path, self.config.check_paths)
+        if isinstance(found, int):
+            return found
+        status, detail = found
+        kind = "NotFoundError" if status == 404 else "InternalServerError"
+        return error_response(f"Loading lora {name} failed: {detail}", kind, status)
 
     async def _unload(self, request: web.Request) -> web.Response:
         try:

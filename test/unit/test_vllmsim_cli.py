@@ -249,3 +249,18 @@ def test_injected_crash_exits_the_process_non_zero() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_startup_lora_modules_are_validated_like_vllm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "adapter_config.json").write_text('{"r": 64}')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["tiny", "--port", "0", "--enable-lora", "--lora-modules"]
+    assert main([*base, f"w={wide}"]) == 2
+    assert "LoRA rank 64 is greater than max_lora_rank 16" in capsys.readouterr().err
+    assert main([*base, f"e={empty}"]) == 2
+    assert "No adapter found" in capsys.readouterr().err
+    assert main([*base, "tiny=/adapters/x"]) == 2
+    assert "conflicts with a served base model" in capsys.readouterr().err

@@ -330,3 +330,14 @@ def test_engine_is_deterministic() -> None:
         return [(r.rid, r.finished_at) for r in finished]
 
     assert run() == run()
+
+
+def test_histogram_buckets_are_le_bounds() -> None:
+    from vllmsim.engine import Histogram
+
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 1.0, 2.0):
+        h.observe(v)
+    assert h.counts == [2, 2]  # 0.05, 0.1 <= 0.1; 0.5, 1.0 <= 1.0; 2.0 only in +Inf
+    assert h.count == 5
+    assert h.total == pytest.approx(3.65)
