@@ -1,0 +1,482 @@
+"""The OpenAI-compatible reverse proxy: read ``model``, choose a holder, relay the answer.
+
+The request path is kept short because it is the router's whole cost: the body is read once, parsed once
+with orjson only to find ``model``, and forwarded as the same bytes; the choice is an in-memory lookup and
+a few arithmetic operations; counts are dict updates. Streams are relayed chunk by chunk as they arrive,
+draining the client connection after each chunk, so a slow client slows its upstream instead of filling
+the router's memory.
+
+Failure rules: a connection failure before anything reached the client is retried once on another holder
+(so is a pod that answers "model does not exist" because its route went stale); every other failure is a
+clear OpenAI-style error (502 unreachable, 503 no holder, 504 timeout), and a stream that breaks after it
+started ends with an error event. Nothing is dropped silently: each outcome is counted by status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, istr
+
+from router.accounting import Accounting
+from router.errors import error_body, sse_error_event
+from router.metrics import RouterMetrics
+from router.routes import Holder, Route, RouteTable
+from router.strategies import Strategy
+
+log = logging.getLogger("router.proxy")
+
+# Paths whose JSON body names the model; the first two are the ones the product is built around.
+MODEL_PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/tokenize",
+    "/detokenize",
+)
+# Read-only paths that any ready pod answers the same way.
+ANY_POD_PATHS = ("/version",)
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+_RESPONSE_SKIP = _HOP_BY_HOP | {"server", "date"}
+_AUTHORIZATION = istr("Authorization")
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_STALE_ROUTE_MARK = b"does not exist"
+
+
+class BadRequest(ValueError):
+    """The client's request cannot be routed as sent (400, with the field at fault in ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def extract_model(body: bytes) -> str:
+    """The ``model`` named by a JSON request body; BadRequest says precisely what is wrong otherwise."""
+    if not body:
+        raise BadRequest("the request body is empty; expected a JSON object with a 'model' field")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(doc).__name__}")
+    model = doc.get("model")
+    if model is None:
+        raise BadRequest("the request body has no 'model' field", param="model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string", param="model")
+    return model
+
+
+def json_error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(status, message, param), headers=_JSON_HEADERS)
+
+
+@dataclass
+class RouterConfig:
+    """Timeouts, limits and the optional upstream key (never logged)."""
+
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 300.0
+    """Also bounds the gap between two chunks of a stream (the socket read timeout)."""
+    total_timeout: float = 1800.0
+    queue_timeout: float = 10.0
+    """How long a request for a known model waits in the router for a holder to appear."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    api_key: str | None = None
+    owned_by: str = "lora-router"
+
+
+class _Attempt:
+    """How one upstream attempt ended when it did not produce an answer to relay."""
+
+    __slots__ = ("kind", "message", "retry", "status")
+
+    def __init__(self, kind: str, status: int, message: str, retry: bool) -> None:
+        self.kind = kind
+        self.status = status
+        self.message = message
+        self.retry = retry
+
+
+class Router:
+    """The proxy: an aiohttp application over a RouteTable, a Strategy and an Accounting."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        strategy: Strategy,
+        config: RouterConfig | None = None,
+        accounting: Accounting | None = None,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self.table = table
+        self.strategy = strategy
+        self.config = config or RouterConfig()
+        self.accounting = accounting or Accounting()
+        self.metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._seq = 0
+        self._changed = asyncio.Event()
+        self._models_cache: tuple[int, bytes] = (-1, b"")
+        self._url_cache: dict[tuple[str, str], str] = {}
+        c = self.config
+        self._timeout = aiohttp.ClientTimeout(
+            total=c.total_timeout, connect=None, sock_connect=c.connect_timeout, sock_read=c.first_byte_timeout
+        )
+        table.add_listener(self._on_table_change)
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def make_app(self) -> web.Application:
+        """The client-facing application (OpenAI paths and the router's own health)."""
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        for path in MODEL_PATHS:
+            app.router.add_post(path, self.handle_model_request)
+        app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/v1/models/{model:.+}", self.handle_model_info)
+        app.router.add_get("/health", self.handle_health)
+        for path in ANY_POD_PATHS:
+            app.router.add_get(path, self.handle_any_pod)
+        app.router.add_route("*", "/{tail:.*}", self.handle_unknown_path)
+
+        async def _close(_: web.Application) -> None:
+            await self.close()
+
+        app.on_cleanup.append(_close)
+        return app
+
+    def _on_table_change(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- small handlers -----------------------------------------------------------------------------------
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        """200 once the route table has been loaded, so a readiness probe holds traffic until then."""
+        if self.table.synced:
+            return web.Response(text="ok\n")
+        return json_error(503, "the route table has not been loaded yet")
+
+    async def handle_unknown_path(self, request: web.Request) -> web.Response:
+        served = ", ".join((*MODEL_PATHS, "/v1/models", *ANY_POD_PATHS, "/health"))
+        return json_error(404, f"the router does not serve {request.method} {request.path}; it serves {served}")
+
+    def _model_list(self) -> list[dict[str, Any]]:
+        routes = self.table.routes()
+        bases = [r.model for r in routes if r.is_base]
+        parent = bases[0] if len(bases) == 1 else None
+        return [
+            {
+                "id": r.model,
+                "object": "model",
+                "created": 0,
+                "owned_by": self.config.owned_by,
+                "root": r.model,
+                "parent": None if r.is_base else parent,
+            }
+            for r in routes
+            if r.holders
+        ]
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        """The union of what is routable now: every model with at least one ready holder."""
+        version, body = self._models_cache
+        if version != self.table.version:
+            body = orjson.dumps({"object": "list", "data": self._model_list()})
+            self._models_cache = (self.table.version, body)
+        return web.Response(body=body, headers=_JSON_HEADERS)
+
+    async def handle_model_info(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for entry in self._model_list():
+            if entry["id"] == name:
+                return web.Response(body=orjson.dumps(entry), headers=_JSON_HEADERS)
+        return self._unknown_model(name)
+
+    def _unknown_model(self, model: str) -> web.Response:
+        served = [r.model for r in self.table.routes() if r.holders]
+        listing = ", ".join(served) if served else "none"
+        return json_error(404, f"The model `{model}` does not exist. Models served: {listing}.", "model")
+
+    async def handle_any_pod(self, request: web.Request) -> web.StreamResponse:
+        """Read-only paths every pod answers alike: go to any pod of a base model."""
+        for route in self.table.routes():
+            if route.is_base and route.holders:
+                return await self._forward(request, route, b"", self._loop_time())
+        return json_error(503, "no ready pod")
+
+    # --- the request path ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def handle_model_request(self, request: web.Request) -> web.StreamResponse:
+        """Route one OpenAI request by the ``model`` in its body."""
+        t0 = self._loop_time()
+        if request.content_type != "application/json":
+            return json_error(400, f"Content-Type must be application/json, got {request.content_type or 'none'!r}")
+        length = request.content_length
+        limit = self.config.max_body_bytes
+        if length is not None and length > limit:
+            return json_error(413, f"the request body is {length} bytes; the limit is {limit}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return json_error(413, f"the request body exceeds the limit of {limit} bytes")
+        try:
+            model = extract_model(body)
+        except BadRequest as exc:
+            return json_error(400, str(exc), exc.param)
+        route = self.table.lookup(model)
+        if route is None or not route.holders:
+            route = await self._wait_for_holder(model, route)
+            if route is None:
+                return self._unknown_model(model)
+            if not route.holders:
+                self.accounting.count_code(model, "", 503)
+                return json_error(
+                    503, f"no ready replica holds `{model}` (waited {self.config.queue_timeout:g}s)", "model"
+                )
+        return await self._forward(request, route, body, t0)
+
+    async def _wait_for_holder(self, model: str, route: Route | None) -> Route | None:
+        """Hold a request while its model is known but has no holder, or the table is still loading.
+
+        An unknown model in a loaded table is answered at once (404); a known one waits in the router (and
+        is counted as queued) until a holder appears or the queue timeout passes.
+        """
+        if route is None and self.table.synced:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.queue_timeout
+        stats = self.accounting.model(model) if route is not None else None
+        if stats is not None:
+            stats.queued += 1
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return route
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                route = self.table.lookup(model)
+                if route is None and self.table.synced:
+                    return None
+                if route is not None and stats is None:
+                    stats = self.accounting.model(model)
+                    stats.queued += 1
+                if route is not None and route.holders:
+                    return route
+        finally:
+            if stats is not None:
+                stats.queued -= 1
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for key, value in request.headers.items():
+            if key.lower() not in _HOP_BY_HOP:
+                headers.add(key, value)
+        if self.config.api_key:
+            headers[_AUTHORIZATION] = f"Bearer {self.config.api_key}"
+        peer = request.remote
+        if peer:
+            prior = request.headers.get("X-Forwarded-For")
+            headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        return headers
+
+    def _url(self, address: str, path_qs: str) -> str:
+        key = (address, path_qs)
+        url = self._url_cache.get(key)
+        if url is None:
+            url = f"http://{address}{path_qs}"
+            if len(self._url_cache) < 4096:
+                self._url_cache[key] = url
+        return url
+
+    async def _forward(self, request: web.Request, route: Route, body: bytes, t0: float) -> web.StreamResponse:
+        """Send to a holder; on a failure before anything reached the client, retry once elsewhere."""
+        model = route.model
+        is_base = route.is_base
+        acc = self.accounting
+        headers = self._upstream_headers(request)
+        self._seq += 1
+        seq = self._seq
+        tried: list[str] = []
+        last: _Attempt | None = None
+        for attempt in range(2):
+            if attempt:
+                route = self.table.lookup(model) or route
+            holder = self.strategy.choose(route, acc.pods, tried, seq)
+            if holder is None and tried:
+                holder = self.strategy.choose(route, acc.pods, (), seq)  # the only holder: try it again
+            if holder is None:
+                break
+            tried.append(holder.address)
+            acc.start(model, holder.address, holder.pod, is_base)
+            code = 0
+            try:
+                outcome = await self._exchange(
+                    request, holder, body, headers, model=model, t0=t0, check_stale=attempt == 0 and not route.is_base
+                )
+                if isinstance(outcome, _Attempt):
+                    last = outcome
+                    code = outcome.status
+                    acc.count_error(model, holder.pod, outcome.kind)
+                    if outcome.retry and attempt == 0:
+                        log.info("retrying %s request after %s on %s", model, outcome.kind, holder.pod)
+                        continue
+                    break
+                code = outcome.status
+                return outcome
+            except asyncio.CancelledError:
+                code = 499
+                acc.count_error(model, holder.pod, "client_closed")
+                raise
+            finally:
+                acc.finish(model, holder.address, is_base)
+                acc.count_code(model, holder.pod, code)
+                if self.metrics is not None and code != 499:
+                    self.metrics.observe_total(model, holder.pod, self._loop_time() - t0)
+        if last is None:
+            acc.count_code(model, "", 503)
+            return json_error(503, f"no ready replica holds `{model}`", "model")
+        return json_error(last.status, last.message)
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        holder: Holder,
+        body: bytes,
+        headers: CIMultiDict[str],
+        *,
+        model: str,
+        t0: float,
+        check_stale: bool,
+    ) -> web.StreamResponse | _Attempt:
+        """One upstream attempt: the relayed answer, or how it failed while nothing reached the client."""
+        pod = holder.pod
+        url = self._url(holder.address, request.path_qs)
+        try:
+            async with self.session.request(
+                request.method, url, data=body or None, headers=headers, timeout=self._timeout
+            ) as resp:
+                status = resp.status
+                if status == 404 and check_stale:
+                    data = await resp.read()
+                    if _STALE_ROUTE_MARK in data:
+                        # The pod no longer holds the adapter though the table still lists it.
+                        return _Attempt("stale_route", 404, data.decode(errors="replace"), True)
+                    return self._plain_response(resp, data, model, pod, t0)
+                if resp.content_length is not None and not resp.headers.get("Content-Type", "").startswith(
+                    "text/event-stream"
+                ):
+                    data = await resp.read()
+                    return self._plain_response(resp, data, model, pod, t0)
+                return await self._relay_stream(request, resp, model, pod, t0)
+        except aiohttp.SocketTimeoutError:
+            return _Attempt("timeout", 504, f"no answer from {pod} within {self.config.first_byte_timeout:g}s", False)
+        except aiohttp.ConnectionTimeoutError:
+            return _Attempt(
+                "connect_timeout", 502, f"could not connect to {pod} within {self.config.connect_timeout:g}s", True
+            )
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            return _Attempt("connect", 502, f"upstream {pod} failed: {type(exc).__name__}: {exc}", True)
+        except TimeoutError:
+            return _Attempt("timeout", 504, f"{pod} did not finish within {self.config.total_timeout:g}s", False)
+
+    def _plain_response(
+        self, resp: aiohttp.ClientResponse, data: bytes, model: str, pod: str, t0: float
+    ) -> web.Response:
+        out = web.Response(status=resp.status, body=data, headers=self._response_headers(resp))
+        if self.metrics is not None:
+            self.metrics.observe_first_byte(model, pod, self._loop_time() - t0)
+        if resp.status >= 500:
+            self.accounting.count_error(model, pod, "upstream_5xx")
+        return out
+
+    @staticmethod
+    def _response_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for key, value in resp.headers.items():
+            if key.lower() not in _RESPONSE_SKIP:
+                headers.add(key, value)
+        return headers
+
+    async def _relay_stream(
+        self, request: web.Request, resp: aiohttp.ClientResponse, model: str, pod: str, t0: float
+    ) -> web.StreamResponse:
+        """Pass a streamed answer through as it arrives; nothing is buffered beyond one chunk."""
+        out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp))
+        is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+        first = True
+        await out.prepare(request)
+        writer = out._payload_writer  # its drain() waits only while the client's socket is full
+        drain: Callable[[], Awaitable[None]] | None = getattr(writer, "drain", None)
+        try:
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+                if drain is not None:
+                    await drain()
+                if first:
+                    first = False
+                    if self.metrics is not None:
+                        self.metrics.observe_first_byte(model, pod, self._loop_time() - t0)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The client went away: closing the upstream response aborts the request on the pod.
+            self.accounting.count_error(model, pod, "client_closed")
+            resp.close()
+            return out
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.accounting.count_error(model, pod, "stream_broken")
+            log.warning("stream of %s from %s broke after it started: %s", model, pod, exc)
+            if is_sse:
+                with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                    await out.write(sse_error_event(502, f"the stream from {pod} broke: {type(exc).__name__}"))
+            with contextlib.suppress(ConnectionError):
+                await out.write_eof()
+            return out
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await out.write_eof()
+        return out
