@@ -269,7 +269,8 @@ class WatchStream:
                         yield self._decode(line)
             if buf.strip() and not self._closed.is_set():
                 yield self._decode(buf)
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as exc:
+            # AttributeError: urllib3 drops its file object when `close()` races a read in another thread.
             if self._closed.is_set():
                 return
             raise ApiConnectionError(0, type(exc).__name__, str(exc), method=self._method, path=self._path) from exc
