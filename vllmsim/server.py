@@ -38,6 +38,8 @@ _CYCLE_TEXT = "".join(_TOKEN_TEXT)
 _RANK_RE = re.compile(r"(?i)(?:^|[/_.\-])rank[-_=]?(\d+)(?=$|[/_.\-])")
 DEFAULT_RANK = 8
 VERSION = "0.32.0"
+MIN_SLEEP = 0.001
+"""Real seconds below which the engine loop yields instead of sleeping (timer resolution)."""
 
 
 def text_for(start: int, end: int) -> str:
@@ -293,7 +295,12 @@ class Simulator:
 
     # ---- engine loop ----------------------------------------------------------------------------------
     async def _engine_loop(self) -> None:
-        """The single task that steps the batch (no task per request or per token)."""
+        """The single task that steps the batch (no task per request or per token).
+
+        Steps follow modelled time exactly: a step starts when the previous one ends (or when work arrives
+        after idling) and the loop sleeps only once it is at least ``MIN_SLEEP`` of real time ahead, so steps
+        shorter than the timer resolution (high time scales) are run back to back instead of stretched.
+        """
         assert self._wake is not None
         wake = self._wake
         scale = self._scale
@@ -304,12 +311,11 @@ class Simulator:
                 wake.clear()
                 await wake.wait()
                 continue
-            real = self.sim_now()
-            start = max(self._virtual, real)
+            start = max(self._virtual, self.sim_now())
             dur = eng.start_step(start)
             end = start + dur
-            delay = (end - self.sim_now()) / scale
-            await sleep(delay if delay > 0 else 0)
+            lead = (end - self.sim_now()) / scale
+            await sleep(lead if lead >= MIN_SLEEP else 0)
             self._virtual = end
             res = eng.complete_step(end)
             for req in res.tokens:

@@ -470,3 +470,21 @@ def test_multiple_simulators_in_one_loop_are_independent() -> None:
                 await sim.stop()
 
     asyncio.run(main())
+
+
+def test_time_scale_runs_the_model_faster_and_latency_reports_simulated_seconds() -> None:
+    """100 tokens at 10 ms per step is >= 1 simulated second; at scale 20 it takes >= 50 ms of real time."""
+    cfg = replace(BASE, step_time=0.01, per_seq_step_time=0.0, prefill_time_per_token=0.0, time_scale=20.0)
+
+    async def body(sim: Simulator, s: aiohttp.ClientSession) -> None:
+        t0 = time.monotonic()
+        st, out = await complete(s, "tiny", max_tokens=100)
+        real = time.monotonic() - t0
+        assert st == 200 and out["usage"]["completion_tokens"] == 100
+        assert real >= 1.0 / 20
+        e2e = sim.state.engine.stats.e2e
+        assert e2e.count == 1
+        assert e2e.total >= 1.0 - 1e-9  # simulated seconds, not real ones
+        assert real < e2e.total  # and much faster than that in real time
+
+    run(cfg, body)
