@@ -1,0 +1,435 @@
+"""Which adapters live on which pods: the pure placement engine.
+
+The controller calls :func:`plan` every sync with the pods it sees, the per-adapter targets the scaling
+policy chose and the copies that exist now; it gets back the wanted assignment and the difference to
+apply. The function is pure and deterministic (no I/O, no clock, no randomness) so that it can be tested
+exhaustively and replayed.
+
+Rules, in order of application:
+
+1. Validity: copies on pods that are gone (``dropped``) or where the adapter must be avoided are lost.
+2. Capacity: a pod holding more than ``capacity`` adapters (the limit was lowered) sheds the excess,
+   surplus copies first.
+3. Surplus: an adapter with more copies than its target loses copies from the pods holding the most
+   adapters (ties: the latest pod). With ``fill_idle_pods`` a copy that is alone on its pod is an extra
+   (a fill copy) and is kept: removing it would leave the pod idle.
+4. Deficit: missing copies go to the least loaded eligible pod (ties: pod order), adapter by adapter
+   in spec order. When the free slots cannot hold every missing copy, in rounds instead: every adapter
+   gets its n-th copy before any adapter gets its (n+1)-th, so no adapter is left without a replica
+   while another has several. Only when no eligible
+   pod has a free slot are existing copies moved (the shortest chain of moves that frees a slot) or an
+   extra copy evicted; what still does not fit is ``shortfall``.
+5. Fill: with ``fill_idle_pods`` every pod still empty gets the adapter with the fewest copies.
+
+On an empty ``current`` this is the proposal's even dispatch; afterwards it is sticky: current copies
+stay where they are unless a rule above moves them, so the number of loads and unloads is the least the
+targets require.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["AdapterTarget", "PlacementError", "PlacementInput", "PlacementPlan", "plan"]
+
+
+class PlacementError(ValueError):
+    """The placement input is inconsistent (duplicate names, bad capacity or targets)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterTarget:
+    """How many copies of one adapter the scaling policy wants."""
+
+    name: str
+    replicas: int
+
+
+@dataclass(frozen=True)
+class PlacementInput:
+    """Everything placement depends on; nothing else is read."""
+
+    pods: tuple[str, ...]
+    """Ready pods in a stable order (creation time, then name); earlier pods win ties."""
+    capacity: int
+    """Most adapters one pod may hold (strict: maxLorasPerReplica; preferred: maxCpuLorasPerReplica)."""
+    adapters: tuple[AdapterTarget, ...]
+    """Adapters in spec order with the copies wanted; earlier adapters win ties."""
+    current: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Adapter -> pods holding it now (pending, loading or loaded; not retiring)."""
+    avoid: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Adapter -> pods where it must not go (its load failed there for good)."""
+    fill_idle_pods: bool = True
+    """Give every otherwise empty pod one adapter, so no replica sits idle."""
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """The wanted assignment and the difference from ``current`` that reaches it."""
+
+    assignment: Mapping[str, frozenset[str]]
+    """Adapter -> pods that should hold it, for every adapter of the input."""
+    add: tuple[tuple[str, str], ...]
+    """(adapter, pod) to load, sorted."""
+    remove: tuple[tuple[str, str], ...]
+    """(adapter, pod) to drain and unload on pods that still exist, sorted. Includes adapters that left
+    the spec and copies on avoided pods."""
+    dropped: tuple[tuple[str, str], ...]
+    """(adapter, pod) of ``current`` on pods that are gone: nothing to unload, only records to clean."""
+    shortfall: Mapping[str, int]
+    """Adapter -> copies wanted but not placeable (more than the pods, or no room). Only adapters > 0."""
+    pod_load: Mapping[str, int]
+    """Pod -> adapters assigned to it."""
+    relocations: int = 0
+    """Copies moved from one pod to another to make room: per adapter, the fewer of its adds and of its
+    removes of copies that were valid. Each costs one add and one remove beyond what the targets need."""
+
+    @property
+    def changed(self) -> bool:
+        """Whether applying the plan does anything."""
+        return bool(self.add or self.remove or self.dropped)
+
+    @property
+    def total_shortfall(self) -> int:
+        """Copies wanted in total but not placed."""
+        return sum(self.shortfall.values())
+
+
+def _validate(inp: PlacementInput) -> None:
+    """Reject inputs whose meaning is ambiguous, with a message that names the culprit."""
+    if isinstance(inp.capacity, bool) or not isinstance(inp.capacity, int) or inp.capacity < 1:
+        raise PlacementError(f"capacity must be a positive integer, got {inp.capacity!r}")
+    seen: set[str] = set()
+    for pod in inp.pods:
+        if not pod:
+            raise PlacementError("a pod has an empty name")
+        if pod in seen:
+            raise PlacementError(f"pod {pod!r} appears twice in pods")
+        seen.add(pod)
+    names: set[str] = set()
+    for target in inp.adapters:
+        if not target.name:
+            raise PlacementError("an adapter has an empty name")
+        if target.name in names:
+            raise PlacementError(f"adapter {target.name!r} appears twice in adapters")
+        names.add(target.name)
+        if isinstance(target.replicas, bool) or not isinstance(target.replicas, int) or target.replicas < 0:
+            raise PlacementError(f"adapter {target.name!r}: replicas must be a non-negative integer, "
+                                 f"got {target.replicas!r}")
+
+
+class _Engine:
+    """Mutable working state of one :func:`plan` call; indices instead of names for speed."""
+
+    def __init__(self, inp: PlacementInput) -> None:
+        self.inp = inp
+        self.cap = inp.capacity
+        self.fill = inp.fill_idle_pods
+        self.n_pods = len(inp.pods)
+        self.pod_index = {name: i for i, name in enumerate(inp.pods)}
+        self.target = [t.replicas for t in inp.adapters]
+        n = len(inp.adapters)
+        self.avoid: list[frozenset[int]] = []
+        for t in inp.adapters:
+            names = inp.avoid.get(t.name)
+            self.avoid.append(frozenset(self.pod_index[p] for p in names if p in self.pod_index)
+                              if names else frozenset())
+        # The copies that exist and may stay: pod alive, not avoided.
+        self.holders: list[set[int]] = [set() for _ in range(n)]
+        self.on_pod: list[set[int]] = [set() for _ in range(self.n_pods)]
+        for a, t in enumerate(inp.adapters):
+            names = inp.current.get(t.name)
+            if not names:
+                continue
+            for p_name in names:
+                p = self.pod_index.get(p_name)
+                if p is not None and p not in self.avoid[a]:
+                    self.holders[a].add(p)
+                    self.on_pod[p].add(a)
+        self.original = {(a, p) for a in range(n) for p in self.holders[a]}
+        # How many copies each adapter can have at most: one per pod it may go to.
+        self.reachable = [min(self.target[a], self.n_pods - len(self.avoid[a])) for a in range(n)]
+        self.heap: list[tuple[int, int]] = [(len(self.on_pod[p]), p) for p in range(self.n_pods)]
+        heapq.heapify(self.heap)
+        self.free_slots = sum(max(0, self.cap - len(s)) for s in self.on_pod)
+        self.stuck: set[int] = set()  # adapters for which no chain of moves frees a slot
+
+    # -- primitive edits ------------------------------------------------------------------------------
+
+    def _put(self, a: int, p: int) -> None:
+        self.holders[a].add(p)
+        self.on_pod[p].add(a)
+        load = len(self.on_pod[p])
+        if load <= self.cap:
+            self.free_slots -= 1
+        heapq.heappush(self.heap, (load, p))
+
+    def _take(self, a: int, p: int) -> None:
+        self.holders[a].discard(p)
+        self.on_pod[p].discard(a)
+        load = len(self.on_pod[p])
+        if load < self.cap:
+            self.free_slots += 1
+        heapq.heappush(self.heap, (load, p))
+
+    # -- rules ----------------------------------------------------------------------------------------
+
+    def shed_overfull(self) -> None:
+        """Bring pods above capacity back to it, dropping copies the adapter can spare best."""
+        for p in range(self.n_pods):
+            excess = len(self.on_pod[p]) - self.cap
+            if excess <= 0:
+                continue
+            ranked = sorted(self.on_pod[p], key=lambda a: (len(self.holders[a]) - self.target[a],
+                                                           len(self.holders[a]), a), reverse=True)
+            for a in ranked[:excess]:
+                self._take(a, p)
+
+    def trim_surplus(self) -> bool:
+        """Remove copies above target from the fullest pods; returns whether anything was removed."""
+        removed = False
+        for a in range(len(self.target)):
+            held = self.holders[a]
+            target = self.target[a]
+            if len(held) <= target:
+                continue
+            # With fill on, copies alone on their pod are extras kept to avoid idle pods; the copies
+            # that share a pod are the ones that count against the target.
+            keep_alone = self.fill and target > 0
+            candidates = [p for p in held if len(self.on_pod[p]) >= 2] if keep_alone else list(held)
+            excess = len(candidates) - target
+            if excess <= 0:
+                continue
+            candidates.sort(key=lambda p: (len(self.on_pod[p]), p), reverse=True)
+            for p in candidates[:excess]:
+                self._take(a, p)
+            removed = True
+        return removed
+
+    def _least_loaded(self, a: int) -> int | None:
+        """The eligible pod with the fewest adapters and a free slot, or None."""
+        heap = self.heap
+        aside: list[tuple[int, int]] = []
+        found: int | None = None
+        held, avoid, on_pod, cap = self.holders[a], self.avoid[a], self.on_pod, self.cap
+        while heap:
+            load, p = heap[0]
+            if load != len(on_pod[p]) or load >= cap:
+                heapq.heappop(heap)  # stale, or full (a later removal pushes it again)
+                continue
+            if p in held or p in avoid:
+                aside.append(heapq.heappop(heap))
+                continue
+            found = p
+            break
+        for entry in aside:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _surplus(self, b: int) -> bool:
+        return len(self.holders[b]) > self.target[b]
+
+    def _edit_cost(self, b: int, p: int, adding: bool) -> int:
+        """Net loads plus unloads that adding or removing (b, p) costs against the original copies."""
+        original = (b, p) in self.original
+        return (-1 if original else 1) if adding else (1 if original else -1)
+
+    def _augment(self, a: int) -> bool:
+        """Free a slot for ``a`` by the shortest chain of moves, or by evicting an extra copy.
+
+        A breadth-first search, level by level, over full pods: from a pod that ``a`` could use, some
+        adapter ``b`` on it is evicted (it has copies to spare), moves to a pod with a free slot, or moves
+        to another full pod from which the search continues. Within a level the cheapest end wins.
+        """
+        n_adapters = len(self.target)
+        if self.free_slots <= 0 and not any(self._surplus(b) for b in range(n_adapters)):
+            return False
+        on_pod, holders, avoid, cap = self.on_pod, self.holders, self.avoid, self.cap
+        free_pods = [q for _, q in sorted((len(on_pod[q]), q) for q in range(self.n_pods) if len(on_pod[q]) < cap)]
+        # parent[q] = (pod the mover leaves, mover) for a full pod q reached by the search.
+        parent: dict[int, tuple[int, int]] = {}
+        level = [p for p in range(self.n_pods) if p not in holders[a] and p not in avoid[a]]
+        for p in level:
+            parent[p] = (-1, -1)
+        unvisited = [q for q in range(self.n_pods) if q not in parent]
+        dest_of: dict[int, list[int]] = {}  # mover -> free pods it may go to (they stay free meanwhile)
+        end: tuple[int, int, int] | None = None  # (pod freed, mover, destination or -1 for eviction)
+        while level and end is None:
+            best: tuple[int, int, int, int] | None = None  # (cost, -pod, mover, destination)
+            for p in level:
+                for b in on_pod[p]:
+                    if b == a:
+                        continue
+                    leave = self._edit_cost(b, p, adding=False)
+                    if self._surplus(b):
+                        # Evicting is one edit fewer than moving; ties: the latest pod, the latest adapter.
+                        cand = (leave, -p, -b, -1)
+                        if best is None or cand < best:
+                            best = cand
+                        continue
+                    if b not in dest_of:
+                        hb, ab = holders[b], avoid[b]
+                        dest_of[b] = [q for q in free_pods if q not in hb and q not in ab]
+                    for q in dest_of[b]:
+                        cand = (leave + self._edit_cost(b, q, adding=True) + 1, p, b, q)
+                        if best is None or cand < best:
+                            best = cand
+            if best is not None:
+                _, p, b, q = best
+                end = (-p, -b, -1) if q < 0 else (p, b, q)
+                break
+            nxt: list[int] = []
+            for p in level:
+                for b in sorted(on_pod[p]):
+                    if b == a:
+                        continue
+                    hb, ab = holders[b], avoid[b]
+                    keep: list[int] = []
+                    for q in unvisited:
+                        if q in hb or q in ab:
+                            keep.append(q)
+                        else:
+                            parent[q] = (p, b)
+                            nxt.append(q)
+                    unvisited = keep
+            level = nxt
+        if end is None:
+            return False
+        p, b, dest = end
+        self._take(b, p)
+        if dest >= 0:
+            self._put(b, dest)
+        # Walk back: each earlier mover leaves its pod for the slot just freed.
+        while parent[p][0] >= 0:
+            src, mover = parent[p]
+            self._take(mover, src)
+            self._put(mover, p)
+            p = src
+        self._put(a, p)
+        return True
+
+    def _place_one(self, a: int) -> bool:
+        """Add one copy of ``a`` on the least loaded eligible pod, making room if need be."""
+        p = self._least_loaded(a)
+        if p is not None:
+            self._put(a, p)
+            return True
+        if self._augment(a):
+            return True
+        self.stuck.add(a)
+        return False
+
+    def place_deficits(self) -> bool:
+        """Add missing copies; returns whether anything was added.
+
+        When the deficits fit in the free slots, adapter by adapter in spec order, each copy on the least
+        loaded pod: this keeps pod loads within one of each other (the even dispatch). When they do not
+        fit, in rounds instead: every adapter gets its n-th copy before any gets its (n+1)-th (spec order
+        within a round), so no adapter is left without a replica while another gets several.
+        """
+        holders, reachable, stuck = self.holders, self.reachable, self.stuck
+        active = [a for a in range(len(self.target)) if len(holders[a]) < reachable[a] and a not in stuck]
+        if not active:
+            return False
+        added = False
+        if sum(reachable[a] - len(holders[a]) for a in active) <= self.free_slots:
+            for a in active:
+                while len(holders[a]) < reachable[a] and self._place_one(a):
+                    added = True
+            return added
+        level = min(len(holders[a]) for a in active)
+        while active:
+            level += 1
+            for a in active:
+                if len(holders[a]) < min(level, reachable[a]) and self._place_one(a):
+                    added = True
+            active = [a for a in active if len(holders[a]) < reachable[a] and a not in stuck]
+        return added
+
+    def fill_idle(self) -> None:
+        """Give every empty pod the adapter with the fewest copies (ties: spec order)."""
+        if not self.fill:
+            return
+        counts = [(len(self.holders[a]), a) for a in range(len(self.target)) if self.target[a] > 0]
+        heapq.heapify(counts)
+        for p in range(self.n_pods):
+            if self.on_pod[p] or not counts:
+                continue
+            aside: list[tuple[int, int]] = []
+            chosen: tuple[int, int] | None = None
+            while counts:
+                entry = heapq.heappop(counts)
+                if entry[0] != len(self.holders[entry[1]]):
+                    continue  # stale
+                if p in self.avoid[entry[1]]:
+                    aside.append(entry)
+                    continue
+                chosen = entry
+                break
+            for entry in aside:
+                heapq.heappush(counts, entry)
+            if chosen is not None:
+                a = chosen[1]
+                self._put(a, p)
+                heapq.heappush(counts, (len(self.holders[a]), a))
+
+    def run(self) -> None:
+        self.shed_overfull()
+        self.trim_surplus()
+        # Adds can make an extra copy share its pod (so it becomes removable), and those removals can
+        # free room for adapters that did not fit: repeat until nothing changes. Each round that adds
+        # reduces the total deficit, so this ends.
+        for _ in range(len(self.target) * max(1, self.n_pods) + 2):
+            added = self.place_deficits()
+            if not (self.fill and added and self.trim_surplus()):
+                break
+            self.stuck.clear()
+        self.fill_idle()
+
+
+def plan(inp: PlacementInput) -> PlacementPlan:
+    """Decide the assignment of adapters to pods and the loads and unloads that reach it."""
+    _validate(inp)
+    engine = _Engine(inp)
+    engine.run()
+    pods = inp.pods
+    assignment: dict[str, frozenset[str]] = {}
+    add: list[tuple[str, str]] = []
+    remove: list[tuple[str, str]] = []
+    dropped: list[tuple[str, str]] = []
+    shortfall: dict[str, int] = {}
+    spec_names = set()
+    relocations = 0
+    for a, t in enumerate(inp.adapters):
+        spec_names.add(t.name)
+        final = frozenset(pods[p] for p in engine.holders[a])
+        assignment[t.name] = final
+        before = inp.current.get(t.name, frozenset())
+        kept = frozenset(pods[p] for p in range(engine.n_pods) if (a, p) in engine.original)
+        relocations += min(len(final - kept), len(kept - final))
+        for pod in final - before:
+            add.append((t.name, pod))
+        for pod in before - final:
+            (remove if pod in engine.pod_index else dropped).append((t.name, pod))
+        missing = t.replicas - len(final)
+        if missing > 0:
+            shortfall[t.name] = missing
+    for name, before in inp.current.items():
+        if name in spec_names:
+            continue
+        for pod in before:
+            (remove if pod in engine.pod_index else dropped).append((name, pod))
+    add.sort()
+    remove.sort()
+    dropped.sort()
+    return PlacementPlan(
+        assignment=assignment,
+        add=tuple(add),
+        remove=tuple(remove),
+        dropped=tuple(dropped),
+        shortfall=shortfall,
+        pod_load={pods[p]: len(engine.on_pod[p]) for p in range(engine.n_pods)},
+        relocations=relocations,
+    )
