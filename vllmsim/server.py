@@ -248,10 +248,10 @@ class Simulator:
         app = self._build_app()
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
         await runner.setup()
-        sock = _bind(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        site = web.SockSite(runner, sock, backlog=2048)
         try:
+            sock = _bind(self.host, self.port)
+            self.port = sock.getsockname()[1]
+            site = web.SockSite(runner, sock, backlog=2048)
             await site.start()
         except BaseException:
             await runner.cleanup()
