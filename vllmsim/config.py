@@ -387,7 +387,9 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     kept, ignored = split_unknown(args_in, _known_flags(parser))
     try:
         ns, extra = parser.parse_known_args(kept)
-    except SystemExit as exc:  # argparse already printed the reason
+    except SystemExit as exc:  # argparse already printed the reason (or the help: exit 0)
+        if exc.code == 0:
+            raise
         raise ConfigError(f"invalid command line: {' '.join(args_in)}") from exc
     if extra:
         ignored.extend(extra)
