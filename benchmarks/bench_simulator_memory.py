@@ -2,7 +2,8 @@
 
 Fleets of simulators stand in for vLLM pods in tests, the demo and benchmarks, so each must stay small.
 This starts ``python -m vllmsim`` in a subprocess, measures its resident memory idle (after one request), then
-with 500 long requests in flight (running and waiting), and prints both and the ratio to the budget.
+with 500 long requests in flight (running and waiting), and prints both and the ratio to the budget; then
+the marginal memory of an extra idle simulator when many share one process (as in-process tests run them).
 
     .venv/bin/python benchmarks/bench_simulator_memory.py [--requests 500] [--stream]
 """
@@ -135,16 +136,56 @@ async def run(proc: subprocess.Popen[bytes], port: int, n: int, stream: bool) ->
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+_FLEET_CHILD = """
+import asyncio, sys
+from vllmsim import SimConfig, Simulator
+async def main(n):
+    sims = [Simulator(SimConfig(model="bench-base", host="127.0.0.1", port=0, enable_lora=True, max_loras=4,
+                                max_cpu_loras=8, allow_runtime_lora_updating=True)) for _ in range(n)]
+    for s in sims:
+        await s.start()
+    print(" ".join(str(s.port) for s in sims), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for s in sims:
+        await s.stop()
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def fleet_rss(n: int) -> float:
+    """RSS of one process hosting ``n`` idle in-process simulators (how tests and benchmarks run fleets)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FLEET_CHILD, str(n)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        ports = proc.stdout.readline().split()
+        if len(ports) != n:
+            raise RuntimeError(f"fleet of {n} did not start")
+        return rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def main() -> int:
     """Command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--stream", action="store_true", help="hold streamed requests (client reads every chunk)")
+    p.add_argument("--fleet", type=int, default=8, help="also measure N idle simulators in one process")
     a = p.parse_args()
     port = free_port()
     proc = start_simulator(port)
     try:
-        return asyncio.run(run(proc, port, a.requests, a.stream))
+        rc = asyncio.run(run(proc, port, a.requests, a.stream))
+        if a.fleet > 1:
+            one, many = fleet_rss(1), fleet_rss(a.fleet)
+            print(
+                f"in-process fleet: 1 simulator {one:.1f} MB, {a.fleet} simulators {many:.1f} MB, "
+                f"{(many - one) / (a.fleet - 1):.2f} MB per extra simulator"
+            )
+        return rc
     finally:
         proc.terminate()
         try:
