@@ -41,6 +41,43 @@ def strip_managed_fields(obj: JSON) -> JSON:
     return obj
 
 
+#: Always kept by `keep_fields`: what keys, resourceVersions, owners and deletion handling need.
+_ESSENTIAL_METADATA = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")
+
+FieldSpec = Mapping[str, "bool | FieldSpec"]
+
+
+def keep_fields(spec: FieldSpec) -> Transform:
+    """A transform that keeps only the fields named in `spec` (nested dicts; `True` keeps a whole subtree).
+
+    For a cache of objects of which a component reads a handful of fields (a router needs a pod's labels,
+    IP and readiness, not its containers): `kind`, `apiVersion` and the essential metadata are always kept.
+    """
+
+    def pick(obj: Any, want: FieldSpec) -> Any:
+        if not isinstance(obj, dict):
+            return obj
+        out: JSON = {}
+        for key, sub in want.items():
+            if key in obj and sub:
+                out[key] = obj[key] if sub is True else pick(obj[key], sub)
+        return out
+
+    def transform(obj: JSON) -> JSON:
+        out: JSON = pick(obj, spec)
+        meta = obj.get("metadata") or {}
+        kept_meta = out.setdefault("metadata", {})
+        for key in _ESSENTIAL_METADATA:
+            if key in meta:
+                kept_meta[key] = meta[key]
+        for key in ("apiVersion", "kind"):
+            if key in obj:
+                out[key] = obj[key]
+        return out
+
+    return transform
+
+
 def namespace_index(obj: JSON) -> builtins.list[str]:
     """Index function: the object's namespace (client-go's `cache.NamespaceIndex`)."""
     ns = (obj.get("metadata") or {}).get("namespace")

@@ -580,3 +580,18 @@ def test_bad_arguments_are_rejected_clearly(fake: tuple[FakeApi, KubeClient]) ->
             inf.start()
     finally:
         inf.stop()
+
+
+def test_keep_fields_keeps_only_what_is_named_plus_identity() -> None:
+    from common.informer import keep_fields
+
+    obj = pod("p", 7, labels={"app": "x"})
+    obj.update(kind="Pod", apiVersion="v1", status={"podIP": "10.0.0.1", "phase": "Running", "qosClass": "Burstable"})
+    slim = keep_fields({"metadata": {"labels": True}, "status": {"podIP": True, "conditions": True}})(obj)
+    assert slim == {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {"name": "p", "namespace": NS, "uid": "uid-p", "resourceVersion": "7", "labels": {"app": "x"}},
+        "status": {"podIP": "10.0.0.1"},
+    }
+    assert keep_fields({"spec": False})(obj).get("spec") is None
