@@ -60,7 +60,10 @@ def load_api_client(kubeconfig: str | None = None, *, context: str | None = None
             raise FileNotFoundError(f"kubeconfig {kubeconfig!r} does not exist")
         k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     elif os.environ.get("KUBECONFIG"):
-        k8s_config.load_kube_config(context=context, client_configuration=configuration)
+        # Read now, not the default the client captured at import (it may be a colon-separated list).
+        k8s_config.load_kube_config(
+            config_file=os.environ["KUBECONFIG"], context=context, client_configuration=configuration
+        )
     elif os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(_SA_TOKEN):
         k8s_config.load_incluster_config(client_configuration=configuration)
     else:
