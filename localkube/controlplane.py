@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_KEEP_WORK_DIR = "LOCALKUBE_KEEP_WORK_DIR"
+# kube-apiserver's graceful termination waits for open watches (up to a minute) before it exits; nothing
+# here needs that drain, and a long outage would push every client's relist back-off up.
+APISERVER_STOP_GRACE_SECONDS = 1.0
 _POLL_SECONDS = 0.1
 
 
@@ -195,7 +198,7 @@ class ControlPlane:
         """Stop the components in reverse order (process groups, SIGTERM then SIGKILL); idempotent."""
         with self._lock:
             for name in reversed(list(self._procs)):
-                self._procs[name].stop(grace)
+                self._procs[name].stop(min(grace, APISERVER_STOP_GRACE_SECONDS) if name == "kube-apiserver" else grace)
             self._procs.clear()
             keep = self._keep if keep_work_dir is None else keep_work_dir
             if self._layout is not None and self._own_work_dir and not keep:
@@ -204,21 +207,33 @@ class ControlPlane:
                 log.info("control plane work dir kept: %s", self._layout.work_dir)
             self._layout = None
 
-    def restart_apiserver(self, downtime: float = 0.0) -> None:
+    def restart_apiserver(self, downtime: float = 0.0, *, restart_controller_manager: bool = True) -> None:
         """Stop kube-apiserver and start it again on the same port and certificates, then wait for /readyz.
 
-        `downtime` keeps it down that long, so that clients see their connections fail.
+        `downtime` keeps it down that long, so that clients see their connections fail. By default
+        kube-controller-manager is restarted too once the API server is back: its informers back off
+        exponentially while the API server is away (up to 30 s), and tests that restart the API server
+        to check their own clients should not then wait on the controller manager's back-off.
         """
         with self._lock:
             proc = self._procs.get("kube-apiserver")
             if proc is None:
                 raise ControlPlaneError("the control plane is not started")
-            proc.stop()
+            t0 = time.monotonic()
+            proc.stop(APISERVER_STOP_GRACE_SECONDS)
             if downtime > 0:
                 time.sleep(downtime)
             proc.start()
             self._pids.append(proc.pid or 0)
-            self._wait("kube-apiserver", time.monotonic() + self.start_timeout, self._apiserver_ready)
+            deadline = time.monotonic() + self.start_timeout
+            self._wait("kube-apiserver", deadline, self._apiserver_ready)
+            kcm = self._procs.get("kube-controller-manager")
+            if restart_controller_manager and kcm is not None:
+                kcm.stop()
+                kcm.start()
+                self._pids.append(kcm.pid or 0)
+                self._wait("kube-controller-manager", deadline, self._controller_manager_healthy)
+            log.info("kube-apiserver restarted in %.1fs", time.monotonic() - t0)
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60.0

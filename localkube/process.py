@@ -265,7 +265,7 @@ class ManagedProcess:
             try:
                 popen.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %.1fs; killing it", self.name, popen.pid, grace)
+                log.info("%s (pid %d) still running %.1fs after SIGTERM; killing it", self.name, popen.pid, grace)
         # Always sweep the group: a child may have forked helpers that outlive it.
         self.signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1,0 +1,106 @@
+"""Session fixtures for every test: the local control plane, a fresh namespace, a test kubelet.
+
+Integration tests (marked `@pytest.mark.integration`) run against a real etcd, kube-apiserver and
+kube-controller-manager. The binaries are built by `hack/build-control-plane.sh` when they are not in
+the cache yet (never skipped: a clean clone builds them). After the session, no process the harness
+started may be alive; the session fails if one is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kubernetes.client import ApiClient
+
+from localkube import process
+from localkube.controlplane import ControlPlane
+from localkube.kubelet import TestKubelet
+
+_startup_times: list[float] = []
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """One control plane for the whole session (ready in seconds with cached binaries)."""
+    cp = ControlPlane(start_timeout=float(os.environ.get("LOCALKUBE_START_TIMEOUT", "60")))
+    cp.start()
+    _startup_times.append(cp.startup_seconds or 0.0)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def api_client(control_plane: ControlPlane) -> Iterator[ApiClient]:
+    """An admin client of the official `kubernetes` package, shared by the session."""
+    client = control_plane.api_client()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _namespace_name(request: pytest.FixtureRequest) -> str:
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    return f"{base or 't'}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, api_client: ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test; deleted afterwards (its pods first, with no grace)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    name = _namespace_name(request)
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        # Without a kubelet to confirm them, graceful pod deletions would keep the namespace Terminating.
+        with contextlib.suppress(Exception):
+            core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+        with contextlib.suppress(Exception):
+            core.delete_namespace(name, grace_period_seconds=0)
+
+
+@pytest.fixture
+def kubelet(control_plane: ControlPlane, namespace: str) -> Iterator[TestKubelet]:
+    """A test kubelet on a node of its own that runs a vLLM simulator for each pod of `namespace`."""
+    client = control_plane.api_client()
+    k = TestKubelet(client, node_name=f"node-{namespace}", namespace=namespace)
+    k.start()
+    try:
+        yield k
+    finally:
+        k.stop()
+        client.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if a process started by the harness outlived it (and kill it)."""
+    left = [pid for pid in process.started_pids() if process.pid_alive(pid)]
+    if not left:
+        return
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"processes started by the test harness were still alive after the session: {left}"
+    if reporter is not None:
+        reporter.write_line(f"ERROR: {message}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show how long the control plane took to become ready (the acceptance bound is 30 s)."""
+    for seconds in _startup_times:
+        terminalreporter.write_line(f"local control plane ready in {seconds:.1f}s")
