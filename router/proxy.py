@@ -355,32 +355,33 @@ class Router:
                 break
             tried.append(holder.address)
             acc.start(model, holder.address, holder.pod, is_base)
-            code = 0
+            code = 0  # stays 0 for an attempt that is retried: only the answer the client gets is counted
             try:
                 outcome = await self._exchange(
-                    request, holder, body, headers, model=model, t0=t0, check_stale=attempt == 0 and not route.is_base
+                    request, holder, body, headers, model=model, t0=t0, check_stale=attempt == 0 and not is_base
                 )
                 if isinstance(outcome, _Attempt):
                     last = outcome
-                    code = outcome.status
                     acc.count_error(model, holder.pod, outcome.kind)
                     if outcome.retry and attempt == 0:
-                        log.info("retrying %s request after %s on %s", model, outcome.kind, holder.pod)
+                        log.info("retrying a %s request after %s on %s", model, outcome.kind, holder.pod)
                         continue
-                    break
-                code = outcome.status
-                return outcome
+                    code = outcome.status
+                    return json_error(outcome.status, outcome.message)
+                response, code = outcome
+                return response
             except asyncio.CancelledError:
                 code = 499
                 acc.count_error(model, holder.pod, "client_closed")
                 raise
             finally:
                 acc.finish(model, holder.address, is_base)
-                acc.count_code(model, holder.pod, code)
-                if self.metrics is not None and code != 499:
-                    self.metrics.observe_total(model, holder.pod, self._loop_time() - t0)
+                if code:
+                    acc.count_code(model, holder.pod, code)
+                    if self.metrics is not None and code != 499:
+                        self.metrics.observe_total(model, holder.pod, self._loop_time() - t0)
+        acc.count_code(model, "", 503 if last is None else last.status)
         if last is None:
-            acc.count_code(model, "", 503)
             return json_error(503, f"no ready replica holds `{model}`", "model")
         return json_error(last.status, last.message)
 
@@ -394,8 +395,9 @@ class Router:
         model: str,
         t0: float,
         check_stale: bool,
-    ) -> web.StreamResponse | _Attempt:
-        """One upstream attempt: the relayed answer, or how it failed while nothing reached the client."""
+    ) -> tuple[web.StreamResponse, int] | _Attempt:
+        """One upstream attempt: the relayed answer and the status to count for it, or how it failed while
+        nothing reached the client (a 499 is a client that left, a 502 a stream that broke midway)."""
         pod = holder.pod
         url = self._url(holder.address, request.path_qs)
         try:
@@ -428,13 +430,14 @@ class Router:
 
     def _plain_response(
         self, resp: aiohttp.ClientResponse, data: bytes, model: str, pod: str, t0: float
-    ) -> web.Response:
-        out = web.Response(status=resp.status, body=data, headers=self._response_headers(resp))
+    ) -> tuple[web.Response, int]:
+        status = resp.status
+        out = web.Response(status=status, body=data, headers=self._response_headers(resp))
         if self.metrics is not None:
             self.metrics.observe_first_byte(model, pod, self._loop_time() - t0)
-        if resp.status >= 500:
+        if status >= 500:
             self.accounting.count_error(model, pod, "upstream_5xx")
-        return out
+        return out, status
 
     @staticmethod
     def _response_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -446,15 +449,16 @@ class Router:
 
     async def _relay_stream(
         self, request: web.Request, resp: aiohttp.ClientResponse, model: str, pod: str, t0: float
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, int]:
         """Pass a streamed answer through as it arrives; nothing is buffered beyond one chunk."""
-        out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp))
+        status = resp.status
+        out = web.StreamResponse(status=status, headers=self._response_headers(resp))
         is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
         first = True
-        await out.prepare(request)
-        writer = out._payload_writer  # its drain() waits only while the client's socket is full
-        drain: Callable[[], Awaitable[None]] | None = getattr(writer, "drain", None)
         try:
+            await out.prepare(request)
+            writer = out._payload_writer  # its drain() waits only while the client's socket is full
+            drain: Callable[[], Awaitable[None]] | None = getattr(writer, "drain", None)
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)
                 if drain is not None:
@@ -467,7 +471,7 @@ class Router:
             # The client went away: closing the upstream response aborts the request on the pod.
             self.accounting.count_error(model, pod, "client_closed")
             resp.close()
-            return out
+            return out, 499
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.accounting.count_error(model, pod, "stream_broken")
             log.warning("stream of %s from %s broke after it started: %s", model, pod, exc)
@@ -476,7 +480,7 @@ class Router:
                     await out.write(sse_error_event(502, f"the stream from {pod} broke: {type(exc).__name__}"))
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()
-            return out
+            return out, 502
         with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
             await out.write_eof()
-        return out
+        return out, status

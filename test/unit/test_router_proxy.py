@@ -278,6 +278,8 @@ def test_a_connection_failure_is_retried_once_on_another_holder() -> None:
                 assert status == 502
                 assert err["error"]["type"] == "BadGateway" and "dead-pod" in err["error"]["message"]
                 assert errors[("only-dead", "dead-pod", "connect")] == 2
+                # Counted once, as the answer the client got; the failed attempts are errors, not requests.
+                assert svc.accounting.codes == {("a", "live-pod", 200): 20, ("only-dead", "dead-pod", 502): 1}
                 assert svc.accounting.models["only-dead"].inflight == 0
 
     run(body)
@@ -396,6 +398,7 @@ def test_timeouts_and_broken_streams_become_clear_errors() -> None:
                 assert text.startswith('data: {"n": 1}')
                 assert '"error"' in text and "broke" in text and text.rstrip().endswith("data: [DONE]")
                 assert svc.accounting.errors[("a", "scripted", "stream_broken")] == 1
+                assert svc.accounting.codes == {("a", "scripted", 504): 1, ("a", "scripted", 502): 1}
                 assert svc.accounting.errors[("a", "scripted", "timeout")] == 1
                 assert svc.accounting.models["a"].inflight == 0
 
