@@ -125,71 +125,102 @@ class _Engine:
 
     def __init__(self, inp: PlacementInput) -> None:
         self.inp = inp
-        self.cap = inp.capacity
+        self.cap = cap = inp.capacity
         self.fill = inp.fill_idle_pods
-        self.n_pods = len(inp.pods)
-        self.pod_index = {name: i for i, name in enumerate(inp.pods)}
+        self.n_pods = n_pods = len(inp.pods)
+        self.pod_index = pod_index = {name: i for i, name in enumerate(inp.pods)}
         self.target = [t.replicas for t in inp.adapters]
         n = len(inp.adapters)
+        empty: frozenset[int] = frozenset()
         self.avoid: list[frozenset[int]] = []
         for t in inp.adapters:
             names = inp.avoid.get(t.name)
-            self.avoid.append(frozenset(self.pod_index[p] for p in names if p in self.pod_index)
-                              if names else frozenset())
+            self.avoid.append(frozenset(pod_index[p] for p in names if p in pod_index) if names else empty)
         # The copies that exist and may stay: pod alive, not avoided.
-        self.holders: list[set[int]] = [set() for _ in range(n)]
-        self.on_pod: list[set[int]] = [set() for _ in range(self.n_pods)]
+        self.holders: list[set[int]] = []
+        self.exact: list[bool] = []  # current held exactly the copies that may stay (nothing to drop)
+        self.load = load = [0] * n_pods
+        get = pod_index.get
         for a, t in enumerate(inp.adapters):
             names = inp.current.get(t.name)
             if not names:
+                self.holders.append(set())
+                self.exact.append(True)
                 continue
-            for p_name in names:
-                p = self.pod_index.get(p_name)
-                if p is not None and p not in self.avoid[a]:
-                    self.holders[a].add(p)
-                    self.on_pod[p].add(a)
-        self.original = {(a, p) for a in range(n) for p in self.holders[a]}
+            held: set[int] = {get(p, -1) for p in names}
+            held.discard(-1)
+            if self.avoid[a]:
+                held -= self.avoid[a]
+            self.holders.append(held)
+            self.exact.append(len(held) == len(names))
+            for p in held:
+                load[p] += 1
+        self.original: list[frozenset[int]] = [frozenset(h) for h in self.holders]
+        self.touched: set[int] = set()  # adapters whose copies changed during the plan
+        self._on_pod: list[set[int]] | None = None  # pod -> adapters, built only when a rule needs it
         # How many copies each adapter can have at most: one per pod it may go to.
-        self.reachable = [min(self.target[a], self.n_pods - len(self.avoid[a])) for a in range(n)]
-        self.heap: list[tuple[int, int]] = [(len(self.on_pod[p]), p) for p in range(self.n_pods)]
+        self.reachable = [min(self.target[a], n_pods - len(self.avoid[a])) for a in range(n)]
+        # Pods by (load, pod order), encoded as load * n_pods + pod: int keys compare far faster than
+        # tuples. Entries go stale when a load changes (a fresh one is pushed); readers skip them.
+        self.stride = stride = max(1, n_pods)
+        self.heap: list[int] = [load[p] * stride + p for p in range(n_pods)]
         heapq.heapify(self.heap)
-        self.free_slots = sum(max(0, self.cap - len(s)) for s in self.on_pod)
+        self.free_slots = sum(cap - x for x in load if x < cap)
         self.stuck: set[int] = set()  # adapters for which no chain of moves frees a slot
+
+    @property
+    def on_pod(self) -> list[set[int]]:
+        """Pod -> adapters on it; built on first use (shedding, moves), then kept up to date."""
+        if self._on_pod is None:
+            on_pod: list[set[int]] = [set() for _ in range(self.n_pods)]
+            for a, held in enumerate(self.holders):
+                for p in held:
+                    on_pod[p].add(a)
+            self._on_pod = on_pod
+        return self._on_pod
 
     # -- primitive edits ------------------------------------------------------------------------------
 
     def _put(self, a: int, p: int) -> None:
         self.holders[a].add(p)
-        self.on_pod[p].add(a)
-        load = len(self.on_pod[p])
+        self.touched.add(a)
+        if self._on_pod is not None:
+            self._on_pod[p].add(a)
+        self.load[p] = load = self.load[p] + 1
         if load <= self.cap:
             self.free_slots -= 1
-        heapq.heappush(self.heap, (load, p))
+        heapq.heappush(self.heap, load * self.stride + p)
 
     def _take(self, a: int, p: int) -> None:
         self.holders[a].discard(p)
-        self.on_pod[p].discard(a)
-        load = len(self.on_pod[p])
+        self.touched.add(a)
+        if self._on_pod is not None:
+            self._on_pod[p].discard(a)
+        self.load[p] = load = self.load[p] - 1
         if load < self.cap:
             self.free_slots += 1
-        heapq.heappush(self.heap, (load, p))
+        heapq.heappush(self.heap, load * self.stride + p)
 
     # -- rules ----------------------------------------------------------------------------------------
 
     def shed_overfull(self) -> None:
         """Bring pods above capacity back to it, dropping copies the adapter can spare best."""
+        if all(x <= self.cap for x in self.load):
+            return
+        on_pod = self.on_pod
         for p in range(self.n_pods):
-            excess = len(self.on_pod[p]) - self.cap
+            excess = self.load[p] - self.cap
             if excess <= 0:
                 continue
-            ranked = sorted(self.on_pod[p], key=lambda a: (len(self.holders[a]) - self.target[a],
-                                                           len(self.holders[a]), a), reverse=True)
+            ranked = sorted(on_pod[p], key=lambda a: (len(self.holders[a]) - self.target[a],
+                                                      len(self.holders[a]), a), reverse=True)
             for a in ranked[:excess]:
                 self._take(a, p)
 
     def trim_surplus(self) -> bool:
         """Remove copies above target from the fullest pods; returns whether anything was removed."""
         removed = False
+        load = self.load
         for a in range(len(self.target)):
             held = self.holders[a]
             target = self.target[a]
@@ -198,32 +229,38 @@ class _Engine:
             # With fill on, copies alone on their pod are extras kept to avoid idle pods; the copies
             # that share a pod are the ones that count against the target.
             keep_alone = self.fill and target > 0
-            candidates = [p for p in held if len(self.on_pod[p]) >= 2] if keep_alone else list(held)
+            candidates = [p for p in held if load[p] >= 2] if keep_alone else list(held)
             excess = len(candidates) - target
             if excess <= 0:
                 continue
-            candidates.sort(key=lambda p: (len(self.on_pod[p]), p), reverse=True)
+            candidates.sort(key=lambda p: (load[p], p), reverse=True)
             for p in candidates[:excess]:
                 self._take(a, p)
             removed = True
         return removed
 
-    def _least_loaded(self, a: int) -> int | None:
-        """The eligible pod with the fewest adapters and a free slot, or None."""
-        heap = self.heap
-        aside: list[tuple[int, int]] = []
-        found: int | None = None
-        held, avoid, on_pod, cap = self.holders[a], self.avoid[a], self.on_pod, self.cap
-        while heap:
-            load, p = heap[0]
-            if load != len(on_pod[p]) or load >= cap:
-                heapq.heappop(heap)  # stale, or full (a later removal pushes it again)
-                continue
+    def _least_loaded(self, a: int, k: int = 1) -> list[int]:
+        """Up to ``k`` distinct eligible pods with a free slot, fewest adapters first (ties: pod order).
+
+        Taking k at once is the same as taking one k times: a pod that gets a copy of ``a`` is no longer
+        eligible for ``a``.
+        """
+        heap, load, cap = self.heap, self.load, self.cap
+        held, avoid = self.holders[a], self.avoid[a]
+        aside: list[int] = []
+        found: list[int] = []
+        chosen: set[int] = set()
+        pop, stride = heapq.heappop, self.stride
+        while heap and len(found) < k:
+            entry = pop(heap)
+            x, p = divmod(entry, stride)
+            if x != load[p] or x >= cap:
+                continue  # stale, or full (a later removal pushes it again)
             if p in held or p in avoid:
-                aside.append(heapq.heappop(heap))
-                continue
-            found = p
-            break
+                aside.append(entry)
+            elif p not in chosen:  # a pod may have two entries with the same load; one is enough
+                found.append(p)  # the caller's _put pushes its new load
+                chosen.add(p)
         for entry in aside:
             heapq.heappush(heap, entry)
         return found
@@ -233,7 +270,7 @@ class _Engine:
 
     def _edit_cost(self, b: int, p: int, adding: bool) -> int:
         """Net loads plus unloads that adding or removing (b, p) costs against the original copies."""
-        original = (b, p) in self.original
+        original = p in self.original[b]
         return (-1 if original else 1) if adding else (1 if original else -1)
 
     def _augment(self, a: int) -> bool:
@@ -247,7 +284,8 @@ class _Engine:
         if self.free_slots <= 0 and not any(self._surplus(b) for b in range(n_adapters)):
             return False
         on_pod, holders, avoid, cap = self.on_pod, self.holders, self.avoid, self.cap
-        free_pods = [q for _, q in sorted((len(on_pod[q]), q) for q in range(self.n_pods) if len(on_pod[q]) < cap)]
+        load = self.load
+        free_pods = [q for _, q in sorted((load[q], q) for q in range(self.n_pods) if load[q] < cap)]
         # parent[q] = (pod the mover leaves, mover) for a full pod q reached by the search.
         parent: dict[int, tuple[int, int]] = {}
         level = [p for p in range(self.n_pods) if p not in holders[a] and p not in avoid[a]]
@@ -312,9 +350,9 @@ class _Engine:
 
     def _place_one(self, a: int) -> bool:
         """Add one copy of ``a`` on the least loaded eligible pod, making room if need be."""
-        p = self._least_loaded(a)
-        if p is not None:
-            self._put(a, p)
+        found = self._least_loaded(a)
+        if found:
+            self._put(a, found[0])
             return True
         if self._augment(a):
             return True
@@ -335,7 +373,22 @@ class _Engine:
             return False
         added = False
         if sum(reachable[a] - len(holders[a]) for a in active) <= self.free_slots:
+            heap, load, push, stride = self.heap, self.load, heapq.heappush, self.stride
             for a in active:
+                found = self._least_loaded(a, reachable[a] - len(holders[a]))
+                if found:
+                    # _put inlined: this loop places every copy of a first dispatch.
+                    held = holders[a]
+                    for p in found:
+                        held.add(p)
+                        load[p] = x = load[p] + 1
+                        push(heap, x * stride + p)
+                    if self._on_pod is not None:
+                        for p in found:
+                            self._on_pod[p].add(a)
+                    self.free_slots -= len(found)  # every pod found had a free slot
+                    self.touched.add(a)
+                    added = True
                 while len(holders[a]) < reachable[a] and self._place_one(a):
                     added = True
             return added
@@ -355,7 +408,7 @@ class _Engine:
         counts = [(len(self.holders[a]), a) for a in range(len(self.target)) if self.target[a] > 0]
         heapq.heapify(counts)
         for p in range(self.n_pods):
-            if self.on_pod[p] or not counts:
+            if self.load[p] or not counts:
                 continue
             aside: list[tuple[int, int]] = []
             chosen: tuple[int, int] | None = None
@@ -402,20 +455,30 @@ def plan(inp: PlacementInput) -> PlacementPlan:
     shortfall: dict[str, int] = {}
     spec_names = set()
     relocations = 0
+    touched, exact, holders, original = engine.touched, engine.exact, engine.holders, engine.original
+    empty: frozenset[str] = frozenset()
     for a, t in enumerate(inp.adapters):
-        spec_names.add(t.name)
-        final = frozenset(pods[p] for p in engine.holders[a])
-        assignment[t.name] = final
-        before = inp.current.get(t.name, frozenset())
-        kept = frozenset(pods[p] for p in range(engine.n_pods) if (a, p) in engine.original)
-        relocations += min(len(final - kept), len(kept - final))
-        for pod in final - before:
-            add.append((t.name, pod))
-        for pod in before - final:
-            (remove if pod in engine.pod_index else dropped).append((t.name, pod))
+        name = t.name
+        spec_names.add(name)
+        before = inp.current.get(name, empty)
+        if a not in touched and exact[a]:
+            # Unchanged: the copies that exist are the assignment (the common case every sync).
+            final = before if isinstance(before, frozenset) else frozenset(before)
+        else:
+            names = [pods[p] for p in holders[a]]
+            final = frozenset(names)
+            if not before:
+                add += [(name, pod) for pod in names]
+            else:
+                held, kept = holders[a], original[a]
+                relocations += min(len(held - kept), len(kept - held))
+                add += [(name, pod) for pod in final - before]
+                for pod in before - final:
+                    (remove if pod in engine.pod_index else dropped).append((name, pod))
+        assignment[name] = final
         missing = t.replicas - len(final)
         if missing > 0:
-            shortfall[t.name] = missing
+            shortfall[name] = missing
     for name, before in inp.current.items():
         if name in spec_names:
             continue
@@ -430,6 +493,6 @@ def plan(inp: PlacementInput) -> PlacementPlan:
         remove=tuple(remove),
         dropped=tuple(dropped),
         shortfall=shortfall,
-        pod_load={pods[p]: len(engine.on_pod[p]) for p in range(engine.n_pods)},
+        pod_load=dict(zip(pods, engine.load, strict=True)),
         relocations=relocations,
     )
