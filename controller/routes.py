@@ -11,6 +11,8 @@ holds 254) on addresses nothing needs.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -112,9 +114,25 @@ def _listable(pod: PodView | None, uid: str) -> bool:
     return pod is not None and pod.serving and pod.uid == uid and ":" not in (pod.ip or "")
 
 
+def refused_address(ip: str | None) -> bool:
+    """Addresses the API server refuses in an EndpointSlice (loopback, link-local): listing one fails the write."""
+    if not ip:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return True
+    return addr.is_loopback or addr.is_link_local or addr.is_unspecified or addr.is_multicast
+
+
 def render(inp: RouteInput) -> RouteTable:
     """The Services and EndpointSlices the autoscaler's route table should consist of."""
     table = RouteTable()
+    refused = sorted(p.name for p in inp.pods.values() if p.serving and refused_address(p.ip))
+    if refused:
+        table.problems.append(f"pods with addresses an EndpointSlice cannot hold (loopback or link-local) are left "
+                              f"out of the route table: {', '.join(refused[:5])}")
+        inp = dataclasses.replace(inp, pods={n: p for n, p in inp.pods.items() if not refused_address(p.ip)})
     holders: dict[str, dict[str, list[PodView]]] = {a: {L.TIER_PREFERRED: [], L.TIER_FALLBACK: []}
                                                     for a in inp.adapters}
     seen: set[tuple[str, str]] = set()
