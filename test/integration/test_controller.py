@@ -362,8 +362,8 @@ def test_scale_up_pod_loss_and_restart_are_repaired(
 
     # a restart: vLLM forgets runtime-loaded adapters; the controller loads them again within 10 s
     layout = loaded_layout(cp, namespace)
-    pod = next(p for p in ready_pods(cp, namespace, "llm") if layout.get(p["metadata"]["name"]))
-    name = pod["metadata"]["name"]
+    restarted = next(p for p in ready_pods(cp, namespace, "llm") if layout.get(p["metadata"]["name"]))
+    name = restarted["metadata"]["name"]
     kubelet.restart_pod(namespace, name)
     t0 = time.monotonic()
 

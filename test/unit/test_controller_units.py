@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_selector_cache_maps_pod_labels_to_autoscalers_per_namespace():
 
 # ---- pods ----------------------------------------------------------------------------------------------
 
-FULL_POD = {
+FULL_POD: dict[str, Any] = {
     "apiVersion": "v1", "kind": "Pod",
     "metadata": {"name": "p1", "namespace": "ns", "uid": "u1", "resourceVersion": "9",
                  "creationTimestamp": "2026-01-01T00:00:02Z", "labels": {"app": "vllm"},
@@ -229,7 +230,8 @@ def test_store_sees_a_recreated_object_after_own_delete():
     store.deleted("ns/p", old)
     assert store.get("ns/p") is None
     cache.items["ns/p"] = obj("p", 8, uid="u2")
-    assert store.get("ns/p")["metadata"]["uid"] == "u2"
+    got = store.get("ns/p")
+    assert got is not None and got["metadata"]["uid"] == "u2"
 
 
 # ---- audit rule ----------------------------------------------------------------------------------------
@@ -242,6 +244,7 @@ def test_audit_flags_lost_and_changed_adapters_but_not_loads_that_raced_the_chec
         "status": {"phase": "Loaded", "loadedTime": "2027-01-15T08:00:00Z"},
     })
     loaded = parse_time("2027-01-15T08:00:00Z")
+    assert loaded is not None
     have = PodModels("tiny", {"lora-1": "/adapters/lora-1"})
     missing = PodModels("tiny", {})
     assert not lost_or_changed(p, have, loaded + 10)

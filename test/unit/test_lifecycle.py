@@ -59,6 +59,7 @@ def run(p: LoRAPlacement, obs: Observation, vllm: FakeVLLM, now: float, cfg: lc.
     if step.status is not None:
         p = LoRAPlacement(p.metadata, p.spec, step.status)
     if step.action in (Action.LOAD, Action.LOAD_INPLACE):
+        assert obs.pod is not None
         step = lc.after_load(p, obs.pod, vllm.load(), cfg, now, in_place=step.action is Action.LOAD_INPLACE)
     elif step.action is Action.UNLOAD:
         step = lc.after_unload(p, vllm.unload(), cfg, now)
@@ -195,6 +196,7 @@ def test_drain_timeout_unloads_even_with_requests_in_flight():
     p = placement("Draining", retire=True, drain_start_time="2027-01-15T08:00:00Z",
                   loaded_time="2027-01-15T07:00:00Z")
     start = parse_time("2027-01-15T08:00:00Z")
+    assert start is not None
     _, step = run(p, Observation(pod=POD, in_flight=True), vllm, start + 29)
     assert step.action is Action.NONE
     gone, _ = run(p, Observation(pod=POD, in_flight=True), vllm, start + 31)

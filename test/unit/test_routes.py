@@ -40,7 +40,7 @@ def slice_of(table, adapter, tier=L.TIER_PREFERRED):
 
 
 def test_lists_only_loaded_not_retiring_on_ready_pods_of_the_same_uid():
-    pods = [pod("p1", "127.0.0.2"), pod("p2", "127.0.0.3"), pod("p3", "127.0.0.4", ready=False)]
+    pods = [pod("p1", "10.0.0.2"), pod("p2", "10.0.0.3"), pod("p3", "10.0.0.4", ready=False)]
     table = render(inp([
         loaded("lora-1", "p1"),
         loaded("lora-3", "p1"),
@@ -57,7 +57,7 @@ def test_lists_only_loaded_not_retiring_on_ready_pods_of_the_same_uid():
 
 
 def test_slice_shape_follows_the_labels_contract():
-    table = render(inp([loaded("lora-1", "p1")], [pod("p1", "127.0.0.2")]))
+    table = render(inp([loaded("lora-1", "p1")], [pod("p1", "10.0.0.2")]))
     s = slice_of(table, "lora-1")
     svc = L.route_service_name("a", "lora-1")
     assert s["apiVersion"] == "discovery.k8s.io/v1" and s["addressType"] == "IPv4"
@@ -69,7 +69,7 @@ def test_slice_shape_follows_the_labels_contract():
     assert s["metadata"]["annotations"] == {L.MODEL_ANNOTATION: "lora-1"}
     assert s["metadata"]["ownerReferences"] == [OWNER]
     (ep,) = s["endpoints"]
-    assert ep["addresses"] == ["127.0.0.2"] and ep["conditions"]["ready"] is True
+    assert ep["addresses"] == ["10.0.0.2"] and ep["conditions"]["ready"] is True
     assert ep["targetRef"] == {"kind": "Pod", "name": "p1", "namespace": "ns", "uid": "uid-p1"}
     assert ep["nodeName"] == "n1"
     assert s["ports"] == [{"name": "http", "port": 8000, "protocol": "TCP"}]
@@ -79,7 +79,7 @@ def test_slice_shape_follows_the_labels_contract():
 
 
 def test_strict_mode_has_no_fallback_slice_and_preferred_mode_splits_tiers():
-    pods = [pod("p1", "127.0.0.2"), pod("p2", "127.0.0.3")]
+    pods = [pod("p1", "10.0.0.2"), pod("p2", "10.0.0.3")]
     placements = [loaded("lora-1", "p1"), loaded("lora-1", "p2", preferred=False)]
     strict = render(inp(placements, pods))
     assert L.slice_name(L.route_service_name("a", "lora-1"), L.TIER_FALLBACK) not in strict.slices
@@ -91,7 +91,7 @@ def test_strict_mode_has_no_fallback_slice_and_preferred_mode_splits_tiers():
 
 
 def test_base_slice_lists_every_serving_pod_with_the_base_model():
-    pods = [pod("p1", "127.0.0.2"), pod("p2", "127.0.0.3"), pod("p3", "127.0.0.4", ready=False)]
+    pods = [pod("p1", "10.0.0.2"), pod("p2", "10.0.0.3"), pod("p3", "10.0.0.4", ready=False)]
     table = render(inp([], pods))
     base = table.slices[L.slice_name(L.base_service_name("a"), L.TIER_BASE)]
     assert listed_pods(base) == {"p1", "p2"}
@@ -102,14 +102,14 @@ def test_base_slice_lists_every_serving_pod_with_the_base_model():
 
 
 def test_an_adapter_named_base_does_not_overwrite_the_base_route():
-    table = render(inp([], [pod("p1", "127.0.0.2")], adapters=("base",)))
+    table = render(inp([], [pod("p1", "10.0.0.2")], adapters=("base",)))
     svc = L.base_service_name("a")
     assert table.services[svc]["metadata"]["labels"][L.ROLE_LABEL] == "adapter"
     assert table.problems and "base" in table.problems[0]
 
 
 def test_server_defaults_do_not_cause_a_rewrite_but_content_changes_do():
-    pods = [pod("p1", "127.0.0.2"), pod("p2", "127.0.0.3")]
+    pods = [pod("p1", "10.0.0.2"), pod("p2", "10.0.0.3")]
     table = render(inp([loaded("lora-1", "p1"), loaded("lora-1", "p2")], pods))
     want = slice_of(table, "lora-1")
     server = copy.deepcopy(want)
@@ -129,6 +129,13 @@ def test_server_defaults_do_not_cause_a_rewrite_but_content_changes_do():
 
 
 def test_rendering_is_deterministic():
-    pods = [pod(f"p{i}", f"127.0.0.{i + 2}") for i in range(5)]
+    pods = [pod(f"p{i}", f"10.0.0.{i + 2}") for i in range(5)]
     placements = [loaded(f"lora-{1 + i % 3}", f"p{i}") for i in range(5)]
     assert render(inp(placements, pods)) == render(inp(list(reversed(placements)), list(reversed(pods))))
+
+
+def test_addresses_an_endpointslice_cannot_hold_are_left_out_with_a_problem():
+    pods = [pod("p1", "127.0.0.2"), pod("p2", "10.0.0.3"), pod("p3", "169.254.1.1")]
+    table = render(inp([loaded("lora-1", "p1"), loaded("lora-1", "p2"), loaded("lora-1", "p3")], pods))
+    assert listed_pods(slice_of(table, "lora-1")) == {"p2"}
+    assert table.problems and "p1" in table.problems[0] and "p3" in table.problems[0]
