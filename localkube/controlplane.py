@@ -108,6 +108,9 @@ class ControlPlane:
         self._lock = threading.RLock()
         self._cluster_ca: CertificateAuthority | None = None
         self.startup_seconds: float | None = None
+        self.phase_seconds: dict[str, float] = {}
+        """Seconds each start-up phase took, in order (what to look at when start-up is slow)."""
+        self._phase_start = 0.0
 
     # --- public surface -----------------------------------------------------------------------
 
@@ -164,7 +167,8 @@ class ControlPlane:
         with self._lock:
             if self._layout is not None:
                 raise ControlPlaneError("the control plane is already started")
-            t0 = time.monotonic()
+            t0 = self._phase_start = time.monotonic()
+            self.phase_seconds.clear()
             bin_dir = self._bin_dir or find_binaries()
             work_dir = self._work_dir or Path(tempfile.mkdtemp(prefix="localkube-"))
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -177,21 +181,33 @@ class ControlPlane:
                 self._write_pki()
                 self._write_kubeconfig()
                 deadline = t0 + self.start_timeout
+                self._mark("binaries and certificates")
                 self._start("etcd", components.etcd_argv(self.layout))
                 self._wait("etcd", deadline, self._etcd_healthy)
+                self._mark("etcd healthy")
                 self._start("kube-apiserver", components.apiserver_argv(self.layout))
                 self._wait("kube-apiserver", deadline, self._apiserver_ready)
+                self._mark("kube-apiserver ready")
                 self._start(
                     "kube-controller-manager",
                     components.controller_manager_argv(self.layout, self._hpa_sync_period),
                 )
                 self._wait("kube-controller-manager", deadline, self._controller_manager_healthy)
+                self._mark("kube-controller-manager healthy")
                 self._wait("kube-controller-manager", deadline, self._default_namespace_ready)
+                self._mark("default namespace and service account")
             except BaseException:
                 self.stop(keep_work_dir=True)
                 raise
             self.startup_seconds = time.monotonic() - t0
-            log.info("control plane ready in %.1fs at %s (work dir %s)", self.startup_seconds, self.server, work_dir)
+            phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.phase_seconds.items())
+            log.info(
+                "control plane ready in %.1fs at %s (%s; work dir %s)",
+                self.startup_seconds,
+                self.server,
+                phases,
+                work_dir,
+            )
             return self
 
     def stop(self, *, keep_work_dir: bool | None = None, grace: float = DEFAULT_GRACE_SECONDS) -> None:
@@ -270,6 +286,11 @@ class ControlPlane:
         if self._cluster_ca is None:
             raise ControlPlaneError("the control plane is not started")
         return self._cluster_ca
+
+    def _mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phase_seconds[phase] = now - self._phase_start
+        self._phase_start = now
 
     def _write_pki(self) -> None:
         pki = self.layout.pki

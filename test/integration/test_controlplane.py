@@ -253,3 +253,35 @@ def test_harness_killed_with_sigkill_leaves_nothing(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_to_a_harness_process_stops_components_and_cleans_up(tmp_path: Path) -> None:
+    # A script that never handles SIGTERM itself: the harness's handler stops the components, then
+    # unwinds the `with` block (which removes the work dir, something only the in-process path does).
+    script = (
+        "import json, time\n"
+        "from localkube.controlplane import ControlPlane\n"
+        "with ControlPlane() as cp:\n"
+        "    print(json.dumps({'pids': cp.pids, 'work': str(cp.work_dir)}), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "stderr").open("w"),
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        info = json.loads(_read_until(proc, "{", timeout=90)[-1])
+        assert all(pid_alive(p) for p in info["pids"])
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        assert code != -signal.SIGTERM, "the harness handled SIGTERM instead of dying at once"
+        assert not [p for p in info["pids"] if pid_alive(p)]
+        assert not Path(info["work"]).exists()
+        assert "KeyboardInterrupt" in (tmp_path / "stderr").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

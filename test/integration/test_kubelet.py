@@ -315,6 +315,27 @@ def test_kubelet_survives_an_apiserver_restart(
     )
 
 
+@pytest.mark.integration
+def test_selector_limits_the_kubelet_and_stop_leaves_nothing(control_plane: ControlPlane, namespace: str) -> None:
+    client = control_plane.api_client()
+    kubelet = TestKubelet(client, node_name=f"sel-{namespace}", namespace=namespace, label_selector="app=llm")
+    try:
+        kubelet.start()
+        apply(control_plane, vllm_deployment("other", namespace, 1))
+        apply(control_plane, vllm_deployment("llm", namespace, 2))
+        ready = wait_ready(control_plane, namespace, "app=llm", 2, timeout=10)
+        assert {p["spec"]["nodeName"] for p in ready} == {kubelet.node_name}
+        (other,) = pods(control_plane, namespace, "app=other")
+        assert not other["spec"].get("nodeName"), "a pod outside the selector is left to others"
+        assert len(kubelet.running_pods()) == 2
+    finally:
+        kubelet.stop()
+        client.close()
+    assert kubelet.pids and not [pid for pid in kubelet.pids if pid_alive(pid)]
+    nodes = control_plane.kubectl("get", "nodes", "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+    assert kubelet.node_name not in nodes
+
+
 # --- pure translation (no cluster needed) ---------------------------------------------------------
 
 
