@@ -570,3 +570,50 @@ def test_two_processes_only_the_leader_acts_and_a_killed_leader_hands_over(  # n
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
+
+
+def test_the_shipped_rbac_is_enough(
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, pod_network: None
+) -> None:
+    """The controller, holding only config/rbac's rules bound in one namespace, does its whole job."""
+    import yaml
+    from kubernetes import client as k8s
+
+    from common.events import EventRecorder
+
+    cp = control_plane
+    user = f"lora-controller-{namespace[-6:]}"  # a certificate's CN is at most 64 characters
+    docs = [d for f in ("controller_role.yaml", "leader_election_role.yaml")
+            for d in yaml.safe_load_all((ROOT / "config" / "rbac" / f).read_text())]
+    for doc in docs:
+        if doc["kind"] == "ClusterRoleBinding":  # confined: bound in the test's namespace only, as documented
+            doc["kind"] = "RoleBinding"
+        if doc["kind"] in ("Role", "RoleBinding"):
+            doc["metadata"]["namespace"] = namespace
+        if "subjects" in doc:  # the rules are under test, not the subject: a user with a client certificate
+            doc["subjects"] = [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": user}]
+        apply(cp, doc)
+    cert, key = cp.issue_client_certificate(user)
+    conf = k8s.Configuration()
+    conf.host = cp.server
+    conf.ssl_ca_cert = str(cp.ca_cert)
+    conf.cert_file, conf.key_file = str(cert), str(key)
+    kube = KubeClient(k8s.ApiClient(conf))
+    apply(cp, vllm_deployment("llm", namespace, 2))
+    pods = wait_ready(cp, namespace, "llm", 2)
+    c = Controller(kube, Options(namespace=namespace, lease_namespace=namespace, audit_period=1.0, workers=2),
+                   recorder=EventRecorder(kube, "lora-autoscaler-controller"))
+    c.start()
+    try:
+        assert c.wait_for_leadership(20)
+        apply(cp, autoscaler("a", namespace, "llm"))
+        names = [p["metadata"]["name"] for p in pods]
+        wait_layout(cp, namespace, "a", proposal_layout(names, ADAPTERS), timeout=30)
+        wait_condition(cp, namespace, "a", "Ready", "True", timeout=15)
+        degraded = condition(cp, namespace, "a", "Degraded")
+        assert degraded is not None and degraded["status"] == "False", degraded
+        wait_until(lambda: get_json(cp, "events.events.k8s.io", "-n", namespace)["items"], timeout=10,
+                   what="Events written as the ServiceAccount")
+    finally:
+        c.stop()
+        kube.api_client.close()
