@@ -1,20 +1,23 @@
 """The router's observability: Prometheus metrics and the compact ``/router/load`` JSON.
 
 Counts that change on every request (in flight, queued, requests by code, errors) live in the
-Accounting as plain integers and are exported by a collector when Prometheus scrapes, so the request path
-pays nothing for them; only the two latency histograms are updated per request.
+Accounting as plain integers, and the two latency histograms are plain bucket lists; collectors export
+them when Prometheus scrapes, so the request path pays a few additions for its observability.
 
 ``/router/load`` is the load source the controller's metric layer reads (format in ``router/README.md``).
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from router.accounting import Accounting
 from router.routes import RouteTable
@@ -76,42 +79,73 @@ class _AccountingCollector(Collector):
         yield scraped
 
 
+class _Histogram:
+    """Bucket counts of one label set: an observation is a bisection and two additions, no lock (the event
+    loop is the only writer; a scrape reads whole integers)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+
+class _HistogramCollector(Collector):
+    def __init__(self, name: str, documentation: str, series: dict[tuple[str, str], _Histogram]) -> None:
+        self._name = name
+        self._doc = documentation
+        self._series = series
+
+    def collect(self) -> Iterator[Any]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=["model", "pod"])
+        for (model, pod), hist in list(self._series.items()):
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip((*_LATENCY_BUCKETS, math.inf), list(hist.counts), strict=True):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric([model, pod], buckets, hist.sum)
+        yield family
+
+
 class RouterMetrics:
     """A private registry (so several routers can live in one test process) and the latency histograms."""
 
     def __init__(self, accounting: Accounting) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_AccountingCollector(accounting))
-        self._first_byte = Histogram(
-            "lora_router_time_to_first_byte_seconds",
-            "From the request's arrival to the first byte relayed to the client.",
-            ["model", "pod"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self._first_byte: dict[tuple[str, str], _Histogram] = {}
+        self._total: dict[tuple[str, str], _Histogram] = {}
+        self.registry.register(
+            _HistogramCollector(
+                "lora_router_time_to_first_byte_seconds",
+                "From the request's arrival to the first byte relayed to the client.",
+                self._first_byte,
+            )
         )
-        self._total = Histogram(
-            "lora_router_request_duration_seconds",
-            "From the request's arrival to the last byte relayed (or the failure).",
-            ["model", "pod"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.registry.register(
+            _HistogramCollector(
+                "lora_router_request_duration_seconds",
+                "From the request's arrival to the last byte relayed (or the failure).",
+                self._total,
+            )
         )
-        self._first_byte_children: dict[tuple[str, str], Any] = {}
-        self._total_children: dict[tuple[str, str], Any] = {}
 
     def observe_first_byte(self, model: str, pod: str, seconds: float) -> None:
-        key = (model, pod)
-        child = self._first_byte_children.get(key)
-        if child is None:
-            child = self._first_byte_children[key] = self._first_byte.labels(model, pod)
-        child.observe(seconds)
+        hist = self._first_byte.get((model, pod))
+        if hist is None:
+            hist = self._first_byte[(model, pod)] = _Histogram()
+        hist.observe(seconds)
 
     def observe_total(self, model: str, pod: str, seconds: float) -> None:
-        key = (model, pod)
-        child = self._total_children.get(key)
-        if child is None:
-            child = self._total_children[key] = self._total.labels(model, pod)
-        child.observe(seconds)
+        hist = self._total.get((model, pod))
+        if hist is None:
+            hist = self._total[(model, pod)] = _Histogram()
+        hist.observe(seconds)
 
 
 def load_report(

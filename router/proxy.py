@@ -24,13 +24,14 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict
 
 from router.accounting import Accounting
 from router.errors import error_body, sse_error_event
 from router.metrics import RouterMetrics
 from router.routes import Holder, Route, RouteTable
 from router.strategies import Strategy
+from router.upstream import UpstreamError, UpstreamPool, UpstreamResponse, serialise_head
 
 log = logging.getLogger("router.proxy")
 
@@ -45,6 +46,7 @@ MODEL_PATHS = (
 # Read-only paths that any ready pod answers the same way.
 ANY_POD_PATHS = ("/version",)
 
+# Not forwarded either way: connection-level headers, and those the router sets itself.
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -62,8 +64,10 @@ _HOP_BY_HOP = frozenset(
         "expect",
     }
 )
+_HOP_BY_HOP_BYTES = frozenset(h.encode() for h in _HOP_BY_HOP)
 _RESPONSE_SKIP = _HOP_BY_HOP | {"server", "date"}
-_AUTHORIZATION = istr("Authorization")
+_AUTHORIZATION = b"authorization"
+_FORWARDED_FOR = b"x-forwarded-for"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _STALE_ROUTE_MARK = b"does not exist"
 
@@ -142,20 +146,19 @@ class Router:
         self.accounting = accounting or Accounting()
         self.metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        self.pool = UpstreamPool(connect_timeout=self.config.connect_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = 0
         self._changed = asyncio.Event()
         self._models_cache: tuple[int, bytes] = (-1, b"")
-        self._url_cache: dict[tuple[str, str], str] = {}
-        c = self.config
-        self._timeout = aiohttp.ClientTimeout(
-            total=c.total_timeout, connect=None, sock_connect=c.connect_timeout, sock_read=c.first_byte_timeout
-        )
+        self._auth = f"Bearer {self.config.api_key}".encode("latin-1") if self.config.api_key else None
         table.add_listener(self._on_table_change)
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """A general client for background work (scraping); requests go through ``pool``."""
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(
@@ -164,6 +167,7 @@ class Router:
         return self._session
 
     async def close(self) -> None:
+        self.pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -248,9 +252,11 @@ class Router:
 
     # --- the request path ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _loop_time() -> float:
-        return asyncio.get_running_loop().time()
+    def _loop_time(self) -> float:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
 
     async def handle_model_request(self, request: web.Request) -> web.StreamResponse:
         """Route one OpenAI request by the ``model`` in its body."""
@@ -313,27 +319,27 @@ class Router:
             if stats is not None:
                 stats.queued -= 1
 
-    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        for key, value in request.headers.items():
-            if key.lower() not in _HOP_BY_HOP:
-                headers.add(key, value)
-        if self.config.api_key:
-            headers[_AUTHORIZATION] = f"Bearer {self.config.api_key}"
+    def _upstream_headers(self, request: web.Request) -> list[tuple[bytes, bytes]]:
+        """The client's headers as sent, less hop-by-hop ones; the pod key replaces the client's if set."""
+        auth = self._auth
+        prior = b""
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in request.raw_headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP_BYTES:
+                continue
+            if lower == _FORWARDED_FOR:
+                prior = value
+                continue
+            if auth is not None and lower == _AUTHORIZATION:
+                continue
+            headers.append((name, value))
+        if auth is not None:
+            headers.append((b"Authorization", auth))
         peer = request.remote
         if peer:
-            prior = request.headers.get("X-Forwarded-For")
-            headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+            headers.append((b"X-Forwarded-For", prior + b", " + peer.encode() if prior else peer.encode()))
         return headers
-
-    def _url(self, address: str, path_qs: str) -> str:
-        key = (address, path_qs)
-        url = self._url_cache.get(key)
-        if url is None:
-            url = f"http://{address}{path_qs}"
-            if len(self._url_cache) < 4096:
-                self._url_cache[key] = url
-        return url
 
     async def _forward(self, request: web.Request, route: Route, body: bytes, t0: float) -> web.StreamResponse:
         """Send to a holder; on a failure before anything reached the client, retry once elsewhere."""
@@ -341,6 +347,8 @@ class Router:
         is_base = route.is_base
         acc = self.accounting
         headers = self._upstream_headers(request)
+        method = request.method
+        path_qs = request.path_qs
         self._seq += 1
         seq = self._seq
         tried: list[str] = []
@@ -348,7 +356,11 @@ class Router:
         for attempt in range(2):
             if attempt:
                 route = self.table.lookup(model) or route
-            holder = self.strategy.choose(route, acc.pods, tried, seq)
+            holders = route.holders
+            if len(holders) == 1 and not tried:
+                holder: Holder | None = holders[0]  # nothing to choose
+            else:
+                holder = self.strategy.choose(route, acc.pods, tried, seq)
             if holder is None and tried:
                 holder = self.strategy.choose(route, acc.pods, (), seq)  # the only holder: try it again
             if holder is None:
@@ -357,8 +369,9 @@ class Router:
             acc.start(model, holder.address, holder.pod, is_base)
             code = 0  # stays 0 for an attempt that is retried: only the answer the client gets is counted
             try:
+                head = serialise_head(method, path_qs, holder.address, headers, len(body))
                 outcome = await self._exchange(
-                    request, holder, body, headers, model=model, t0=t0, check_stale=attempt == 0 and not is_base
+                    request, holder, head, body, model=model, t0=t0, check_stale=attempt == 0 and not is_base
                 )
                 if isinstance(outcome, _Attempt):
                     last = outcome
@@ -389,8 +402,8 @@ class Router:
         self,
         request: web.Request,
         holder: Holder,
+        head: bytes,
         body: bytes,
-        headers: CIMultiDict[str],
         *,
         model: str,
         t0: float,
@@ -399,39 +412,32 @@ class Router:
         """One upstream attempt: the relayed answer and the status to count for it, or how it failed while
         nothing reached the client (a 499 is a client that left, a 502 a stream that broke midway)."""
         pod = holder.pod
-        url = self._url(holder.address, request.path_qs)
+        c = self.config
         try:
-            async with self.session.request(
-                request.method, url, data=body or None, headers=headers, timeout=self._timeout
-            ) as resp:
-                status = resp.status
-                if status == 404 and check_stale:
-                    data = await resp.read()
-                    if _STALE_ROUTE_MARK in data:
-                        # The pod no longer holds the adapter though the table still lists it.
-                        return _Attempt("stale_route", 404, data.decode(errors="replace"), True)
-                    return self._plain_response(resp, data, model, pod, t0)
-                if resp.content_length is not None and not resp.headers.get("Content-Type", "").startswith(
-                    "text/event-stream"
-                ):
-                    data = await resp.read()
-                    return self._plain_response(resp, data, model, pod, t0)
-                return await self._relay_stream(request, resp, model, pod, t0)
-        except aiohttp.SocketTimeoutError:
-            return _Attempt("timeout", 504, f"no answer from {pod} within {self.config.first_byte_timeout:g}s", False)
-        except aiohttp.ConnectionTimeoutError:
-            return _Attempt(
-                "connect_timeout", 502, f"could not connect to {pod} within {self.config.connect_timeout:g}s", True
-            )
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            return _Attempt("connect", 502, f"upstream {pod} failed: {type(exc).__name__}: {exc}", True)
-        except TimeoutError:
-            return _Attempt("timeout", 504, f"{pod} did not finish within {self.config.total_timeout:g}s", False)
-
-    def _plain_response(
-        self, resp: aiohttp.ClientResponse, data: bytes, model: str, pod: str, t0: float
-    ) -> tuple[web.Response, int]:
-        status = resp.status
+            resp = await self.pool.request(
+                holder.address, head, body, is_head=request.method == "HEAD", read_timeout=c.first_byte_timeout,
+                total_timeout=c.total_timeout,
+            )  # fmt: skip
+        except UpstreamError as exc:
+            return self._failed_attempt(exc, pod)
+        try:
+            status = resp.status
+            is_sse = resp.content_type.startswith("text/event-stream")
+            if resp.content_length is None or is_sse:
+                outcome = await self._relay_stream(request, resp, model=model, pod=pod, t0=t0, is_sse=is_sse)
+                resp.release()
+                return outcome
+            data = await resp.read()
+            resp.release()
+        except UpstreamError as exc:
+            resp.close()
+            return self._failed_attempt(exc, pod)
+        except BaseException:
+            resp.close()
+            raise
+        if status == 404 and check_stale and _STALE_ROUTE_MARK in data:
+            # The pod no longer holds the adapter though the table still lists it.
+            return _Attempt("stale_route", 404, data.decode(errors="replace"), True)
         out = web.Response(status=status, body=data, headers=self._response_headers(resp))
         if self.metrics is not None:
             self.metrics.observe_first_byte(model, pod, self._loop_time() - t0)
@@ -439,27 +445,33 @@ class Router:
             self.accounting.count_error(model, pod, "upstream_5xx")
         return out, status
 
+    def _failed_attempt(self, exc: UpstreamError, pod: str) -> _Attempt:
+        kind = exc.kind
+        if kind in ("timeout", "total_timeout"):
+            return _Attempt(kind, 504, f"{pod}: {exc}", False)
+        # Nothing reached the client yet: a connection failure may be retried elsewhere.
+        return _Attempt(kind, 502, f"upstream {pod} failed: {exc}", kind != "protocol")
+
     @staticmethod
-    def _response_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    def _response_headers(resp: UpstreamResponse) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict()
-        for key, value in resp.headers.items():
-            if key.lower() not in _RESPONSE_SKIP:
-                headers.add(key, value)
+        for name, value in resp.headers:
+            if name.lower() not in _RESPONSE_SKIP:
+                headers.add(name, value)
         return headers
 
     async def _relay_stream(
-        self, request: web.Request, resp: aiohttp.ClientResponse, model: str, pod: str, t0: float
+        self, request: web.Request, resp: UpstreamResponse, *, model: str, pod: str, t0: float, is_sse: bool
     ) -> tuple[web.StreamResponse, int]:
-        """Pass a streamed answer through as it arrives; nothing is buffered beyond one chunk."""
+        """Pass a streamed answer through as it arrives; nothing is buffered beyond what one read brought."""
         status = resp.status
         out = web.StreamResponse(status=status, headers=self._response_headers(resp))
-        is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
         first = True
         try:
             await out.prepare(request)
             writer = out._payload_writer  # its drain() waits only while the client's socket is full
             drain: Callable[[], Awaitable[None]] | None = getattr(writer, "drain", None)
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.iter_chunks():
                 await out.write(chunk)
                 if drain is not None:
                     await drain()
@@ -468,16 +480,17 @@ class Router:
                     if self.metrics is not None:
                         self.metrics.observe_first_byte(model, pod, self._loop_time() - t0)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            # The client went away: closing the upstream response aborts the request on the pod.
+            # The client went away: closing the upstream connection aborts the request on the pod.
             self.accounting.count_error(model, pod, "client_closed")
             resp.close()
             return out, 499
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             self.accounting.count_error(model, pod, "stream_broken")
             log.warning("stream of %s from %s broke after it started: %s", model, pod, exc)
+            resp.close()
             if is_sse:
                 with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
-                    await out.write(sse_error_event(502, f"the stream from {pod} broke: {type(exc).__name__}"))
+                    await out.write(sse_error_event(502, f"the stream from {pod} broke: {exc.kind}"))
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()
             return out, 502
