@@ -7,7 +7,8 @@ ReplicaSet controllers would stay Pending for ever. `TestKubelet`:
 - watches pods (all, or one namespace, optionally a label selector) that are unbound or bound to it, and
   binds the unbound ones to its node (`pods/binding`, as the scheduler does);
 - for each bound pod starts `python -m vllmsim <the pod's vLLM flags> --host 127.0.0.x --port P`, on
-  its own loopback address (x from 2 upward, reused once the pod is gone), with the container's env;
+  its own loopback address (x from 2 upward, reused once the pod is gone; another local network can be
+  chosen, see `AddressAllocator`), with the container's env;
 - reports the pod `Running` with `podIP`/`hostIP`, container statuses, and `Ready` once the simulator
   answers `GET /health` (probed every second afterwards, like a readiness probe);
 - restarts a simulator that exits (restartCount + 1, `lastState.terminated`, not Ready until healthy,
@@ -26,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import http.client
+import ipaddress
 import json
 import logging
 import os
 import queue
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -82,19 +85,26 @@ def _now() -> str:
 
 
 class AddressAllocator:
-    """Hands out loopback addresses 127.0.0.2, 127.0.0.3, ... (then 127.0.1.1, ...), lowest free first.
+    """Hands out pod addresses of one local network, lowest free first: 127.0.0.2, 127.0.0.3, ... by default.
 
-    Shared by every kubelet in the process, and an address is skipped when something else already
-    listens on the wanted port there, so two pods never share an (address, port).
+    Shared by every kubelet in the process that uses the same network, and an address is skipped when
+    something else already listens on the wanted port there, so two pods never share an (address, port).
+    Addresses ending in .0 or .255 are never used.
+
+    127.0.0.0/8 needs no set-up but the API server refuses loopback addresses in Endpoints and
+    EndpointSlices; a network added to the loopback interface (`add_loopback_network`) is just as
+    local and is accepted there.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, network: str = "127.0.0.0/8") -> None:
+        self.network = ipaddress.ip_network(network)
+        if self.network.version != 4 or self.network.num_addresses < 4:
+            raise ValueError(f"pod network {network} must be an IPv4 network of at least 4 addresses")
         self._lock = threading.Lock()
         self._used: set[int] = set()
 
-    @staticmethod
-    def _address(n: int) -> str:
-        return f"127.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+    def _address(self, n: int) -> str:
+        return str(self.network.network_address + n)
 
     @staticmethod
     def _bindable(ip: str, port: int) -> bool:
@@ -109,26 +119,70 @@ class AddressAllocator:
     def acquire(self, port: int) -> str:
         """The lowest free address where `port` can be bound."""
         with self._lock:
-            n = 2
-            while n < 1 << 24:
+            for n in range(2, self.network.num_addresses - 1):
                 if n & 255 in (0, 255) or n in self._used:
-                    n += 1
                     continue
                 ip = self._address(n)
                 if self._bindable(ip, port):
                     self._used.add(n)
                     return ip
-                n += 1
-        raise RuntimeError("no free loopback address left")
+        raise RuntimeError(f"no free address left in pod network {self.network} for port {port}")
 
     def release(self, ip: str) -> None:
         """Make an address available again."""
-        parts = [int(p) for p in ip.split(".")]
         with self._lock:
-            self._used.discard((parts[1] << 16) | (parts[2] << 8) | parts[3])
+            self._used.discard(int(ipaddress.ip_address(ip)) - int(self.network.network_address))
 
 
-ADDRESSES = AddressAllocator()
+_allocators: dict[str, AddressAllocator] = {}
+_allocators_lock = threading.Lock()
+
+
+def shared_allocator(network: str) -> AddressAllocator:
+    """The process-wide allocator of `network` (kubelets on one network must share it)."""
+    key = str(ipaddress.ip_network(network))
+    with _allocators_lock:
+        if key not in _allocators:
+            _allocators[key] = AddressAllocator(key)
+        return _allocators[key]
+
+
+def add_loopback_network(network: str) -> bool:
+    """Make every address of `network` local by adding it to the loopback interface (Linux, CAP_NET_ADMIN).
+
+    Returns True if it was added now (remove it with `remove_loopback_network`), False if it already was
+    local. Raises RuntimeError saying what to do when it cannot be added.
+    """
+    net = ipaddress.ip_network(network)
+    first = str(net.network_address + 1)
+    if AddressAllocator._bindable(first, 0):
+        return False
+    result = subprocess.run(
+        ["ip", "addr", "add", f"{first}/{net.prefixlen}", "dev", "lo"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 and "File exists" not in result.stderr:
+        raise RuntimeError(
+            f"cannot add {first}/{net.prefixlen} to the loopback interface ({result.stderr.strip()}); run "
+            f"`sudo ip addr add {first}/{net.prefixlen} dev lo` once, or use the default 127.0.0.0/8 pod network"
+        )
+    return result.returncode == 0
+
+
+def remove_loopback_network(network: str) -> None:
+    """Undo `add_loopback_network`."""
+    net = ipaddress.ip_network(network)
+    subprocess.run(
+        ["ip", "addr", "del", f"{net.network_address + 1}/{net.prefixlen}", "dev", "lo"],
+        capture_output=True,
+        check=False,
+    )
+
+
+ADDRESSES = shared_allocator("127.0.0.0/8")
+"""The default pod network: 127.0.0.2 upward."""
 
 
 @dataclass
@@ -178,6 +232,7 @@ class TestKubelet:
         work_dir: Path | None = None,
         capacity: Mapping[str, str] = DEFAULT_CAPACITY,
         delete_node_on_stop: bool = True,
+        addresses: AddressAllocator | None = None,
     ) -> None:
         from kubernetes import client
 
@@ -191,6 +246,7 @@ class TestKubelet:
         self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="localkube-kubelet-"))
         self._capacity = dict(capacity)
         self._delete_node = delete_node_on_stop
+        self.addresses = addresses or ADDRESSES
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -591,7 +647,7 @@ class TestKubelet:
             if runtime.command is None:
                 lookups = {"secrets": self._lookup("secret"), "config_maps": self._lookup("configmap")}
                 probe = simulator_command(runtime.pod, pod_ip="", host_ip=HOST_IP, **lookups)
-                ip = runtime.ip or ADDRESSES.acquire(probe.port)
+                ip = runtime.ip or self.addresses.acquire(probe.port)
                 runtime.ip = ip
                 runtime.command = simulator_command(runtime.pod, pod_ip=ip, host_ip=HOST_IP, **lookups)
             assert runtime.ip is not None
@@ -632,7 +688,7 @@ class TestKubelet:
         if runtime.proc is not None:
             runtime.proc.stop(_STOP_GRACE_SECONDS)
         if runtime.ip is not None:
-            ADDRESSES.release(runtime.ip)
+            self.addresses.release(runtime.ip)
             runtime.ip = None
 
     def _forget(self, runtime: _PodRuntime) -> None:

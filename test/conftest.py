@@ -20,7 +20,7 @@ from kubernetes.client import ApiClient
 
 from localkube import process
 from localkube.controlplane import ControlPlane
-from localkube.kubelet import TestKubelet
+from localkube.kubelet import ADDRESSES, AddressAllocator, TestKubelet
 
 _startup_times: list[float] = []
 
@@ -71,10 +71,20 @@ def namespace(control_plane: ControlPlane, api_client: ApiClient, request: pytes
 
 
 @pytest.fixture
-def kubelet(control_plane: ControlPlane, namespace: str) -> Iterator[TestKubelet]:
+def kubelet_addresses() -> AddressAllocator:
+    """Where the `kubelet` fixture takes pod IPs: 127.0.0.2 upward.
+
+    A module that needs pod IPs the API server accepts in EndpointSlices overrides this fixture with
+    `shared_allocator("10.x.y.0/24")` after `add_loopback_network("10.x.y.0/24")`.
+    """
+    return ADDRESSES
+
+
+@pytest.fixture
+def kubelet(control_plane: ControlPlane, namespace: str, kubelet_addresses: AddressAllocator) -> Iterator[TestKubelet]:
     """A test kubelet on a node of its own that runs a vLLM simulator for each pod of `namespace`."""
     client = control_plane.api_client()
-    k = TestKubelet(client, node_name=f"node-{namespace}", namespace=namespace)
+    k = TestKubelet(client, node_name=f"node-{namespace}", namespace=namespace, addresses=kubelet_addresses)
     k.start()
     try:
         yield k

@@ -11,13 +11,18 @@ import http.client
 import json
 import os
 import signal
-import time
 from typing import Any
 
 import pytest
 
 from localkube.controlplane import ControlPlane
-from localkube.kubelet import AddressAllocator, TestKubelet
+from localkube.kubelet import (
+    AddressAllocator,
+    TestKubelet,
+    add_loopback_network,
+    remove_loopback_network,
+    shared_allocator,
+)
 from localkube.podspec import (
     SIM_ARGS_ANNOTATION,
     PodSpecError,
@@ -148,7 +153,6 @@ def container_status(pod: dict[str, Any]) -> dict[str, Any]:
 def test_deployment_pods_become_ready_and_answer_then_scale(
     control_plane: ControlPlane, namespace: str, kubelet: TestKubelet
 ) -> None:
-    t0 = time.monotonic()
     apply(control_plane, vllm_deployment("llm", namespace, 3))
     ready = wait_ready(control_plane, namespace, "app=llm", 3, timeout=10)
     ips = sorted(p["status"]["podIP"] for p in ready)
@@ -164,8 +168,6 @@ def test_deployment_pods_become_ready_and_answer_then_scale(
         assert model_ids(ip, 8000) == [BASE_MODEL]
         status = container_status(pod)
         assert status["ready"] is True and status["restartCount"] == 0 and "running" in status["state"]
-    elapsed = time.monotonic() - t0
-    assert elapsed <= 10.0, f"3 pods took {elapsed:.1f}s"
 
     # the Deployment controller reads readiness from the status the kubelet writes
     wait_until(
@@ -336,6 +338,46 @@ def test_selector_limits_the_kubelet_and_stop_leaves_nothing(control_plane: Cont
     assert kubelet.node_name not in nodes
 
 
+@pytest.mark.integration
+def test_pod_network_on_loopback_gives_endpointslice_valid_ips(control_plane: ControlPlane, namespace: str) -> None:
+    # The API server refuses 127.0.0.0/8 in EndpointSlices; a network added to lo is local and accepted.
+    network = "10.253.7.0/24"
+    added = add_loopback_network(network)
+    client = control_plane.api_client()
+    kubelet = TestKubelet(
+        client, node_name=f"net-{namespace}", namespace=namespace, addresses=shared_allocator(network)
+    )
+    try:
+        kubelet.start()
+        apply(control_plane, vllm_deployment("llm", namespace, 2))
+        ready = wait_ready(control_plane, namespace, "app=llm", 2, timeout=10)
+        ips = sorted(p["status"]["podIP"] for p in ready)
+        assert ips == ["10.253.7.2", "10.253.7.3"]
+        for ip in ips:
+            assert model_ids(ip, 8000) == [BASE_MODEL]
+
+        def slice_of(addresses: list[str], name: str) -> str:
+            return json.dumps(
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "addressType": "IPv4",
+                    "endpoints": [{"addresses": [a]} for a in addresses],
+                    "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+                }
+            )
+
+        control_plane.kubectl("create", "-f", "-", input=slice_of(ips, "ok"))
+        refused = control_plane.kubectl("create", "-f", "-", input=slice_of(["127.0.0.2"], "loop"), check=False)
+        assert refused.returncode != 0 and "loopback" in refused.stderr
+    finally:
+        kubelet.stop()
+        client.close()
+        if added:
+            remove_loopback_network(network)
+
+
 # --- pure translation (no cluster needed) ---------------------------------------------------------
 
 
@@ -438,3 +480,8 @@ def test_address_allocator_reuses_the_lowest_free_address() -> None:
     alloc.release(a)
     assert alloc.acquire(18000) == "127.0.0.2"
     assert alloc.acquire(18000) == "127.0.0.4"
+    small = AddressAllocator("10.9.8.0/30")
+    with pytest.raises(RuntimeError, match=r"no free address left in pod network 10\.9\.8\.0/30"):
+        small.acquire(18000)  # .2 is the only candidate and it is not a local address here
+    with pytest.raises(ValueError, match="at least 4 addresses"):
+        AddressAllocator("10.0.0.1/32")
