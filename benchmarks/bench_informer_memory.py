@@ -14,7 +14,12 @@ store retains are measured with tracemalloc after a full collection:
 - slim: `keep_fields` with what the router and controller read of a pod (labels, annotations, owners,
   node, IP, phase, conditions).
 
-Prints MB per variant, bytes per pod, and each as a ratio of "none" measured in the same run.
+Prints MB per variant, bytes per pod (and the same objects' size as compact JSON, for scale), and each
+as a ratio of "none" measured in the same run. Sync times are measured under tracemalloc, which slows
+Python several times: compare them with each other, not with production.
+
+Creating the pods dominates the run: 10,000 took about 7 minutes (24 pods/s, create + status) on two
+busy cores. A run there printed: none 381 MB (38 KB/pod), default 186 MB (0.49), slim 47 MB (0.12).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import tracemalloc
 import uuid
 from contextlib import ExitStack
 from datetime import UTC, datetime
+
+import orjson
 
 from common.informer import Informer, Transform, keep_fields, strip_managed_fields
 from common.kube import CONFIGMAPS, NAMESPACES, PODS, ApiError, KubeClient, load_api_client
@@ -183,8 +190,8 @@ def create_pods(kube: KubeClient, namespace: str, n: int, workers: int) -> float
     return time.monotonic() - started
 
 
-def measure(kube: KubeClient, namespace: str, transform: Transform | None) -> tuple[int, int, float]:
-    """(bytes retained by the synced store, objects stored, seconds to sync)."""
+def measure(kube: KubeClient, namespace: str, transform: Transform | None) -> tuple[int, int, float, int]:
+    """(bytes retained by the synced store, objects stored, seconds to sync, JSON bytes of the stored objects)."""
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -199,9 +206,10 @@ def measure(kube: KubeClient, namespace: str, transform: Transform | None) -> tu
     retained = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     count = len(inf)
+    json_bytes = sum(len(orjson.dumps(o)) for o in inf.list())
     del inf
     gc.collect()
-    return retained, count, took
+    return retained, count, took, json_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,19 +236,20 @@ def main(argv: list[str] | None = None) -> int:
         took = create_pods(kube, namespace, args.pods, args.workers)
         print(f"created in {took:.1f}s ({args.pods / took:.0f} pods/s)")
 
-        results: dict[str, tuple[int, int, float]] = {}
+        results: dict[str, tuple[int, int, float, int]] = {}
         for name, transform in (("none", None), ("default", strip_managed_fields), ("slim", SLIM)):
             results[name] = measure(kube, namespace, transform)
         base = results["none"][0]
         print()
-        print(f"{'transform':<10} {'pods':>7} {'MB':>9} {'bytes/pod':>10} {'sync s':>7} {'vs none':>8}")
-        for name, (retained, count, sync_s) in results.items():
+        print(f"{'transform':<10} {'pods':>7} {'MB':>9} {'bytes/pod':>10} ", end="")
+        print(f"{'JSON B/pod':>11} {'sync s':>7} {'vs none':>8}")
+        for name, (retained, count, sync_s, json_bytes) in results.items():
             if count != args.pods:
                 print(f"store holds {count} pods, expected {args.pods}", file=sys.stderr)
                 return 1
             print(
-                f"{name:<10} {count:>7} {retained / 1e6:>9.1f} {retained / count:>10.0f} {sync_s:>7.1f} "
-                f"{retained / base:>8.2f}"
+                f"{name:<10} {count:>7} {retained / 1e6:>9.1f} {retained / count:>10.0f} {json_bytes / count:>11.0f} "
+                f"{sync_s:>7.1f} {retained / base:>8.2f}"
             )
         print(f"\ndefault/none = {results['default'][0] / base:.2f}  (managedFields dropped)")
         print(f"slim/none    = {results['slim'][0] / base:.2f}  (only the fields the router and controller read)")
