@@ -247,6 +247,20 @@ class AutoscalerReconciler:
                 self._patch_placement(p, {"spec": {"source": sources[sp.adapter]}}, errors)
 
         placements = self._placements(key)
+        order = {p.name: i for i, p in enumerate(serving)}
+        tiers = preferred_holders(
+            {a: plan.assignment.get(a, frozenset()) for a in adapter_names},
+            {d.name: d.desired for d in decision.adapters},
+            {(p.typed.spec.adapter, p.typed.spec.pod_name) for p in placements
+             if p.typed.spec.preferred and not p.typed.spec.retire},
+            order, spec.placement_mode == "preferred")
+        for p in placements:
+            sp = p.typed.spec
+            want = tiers.get((sp.adapter, sp.pod_name))
+            if not sp.retire and want is not None and want != sp.preferred:
+                self._patch_placement(p, {"spec": {"preferred": want}}, errors)
+
+        placements = self._placements(key)
         table = routes.render(routes.RouteInput(
             autoscaler=name, namespace=ns, owner=owner_reference(obj), port=spec.vllm.port,
             adapters=tuple(adapter_names), preferred_mode=spec.placement_mode == "preferred",
@@ -488,6 +502,24 @@ class AutoscalerReconciler:
                 self.rt.recorder.event(obj, "Normal", "Ready", c.message)
             elif c.type == st.SATURATED and c.status == "True":
                 self.rt.recorder.event(obj, "Warning", "Saturated", c.message)
+
+
+def preferred_holders(assignment: Mapping[str, frozenset[str]], desired: Mapping[str, int],
+                      preferred_now: set[tuple[str, str]], pod_order: Mapping[str, int],
+                      preferred_mode: bool) -> dict[tuple[str, str], bool]:
+    """(adapter, pod) -> preferred holder or fallback; pure.
+
+    In strict mode every holder is preferred. In preferred mode the first ``desired`` holders of an adapter
+    are preferred (those already preferred first, so the tiers are sticky, then pod order) and the copies
+    beyond (resident for spill-over) are fallback.
+    """
+    out: dict[tuple[str, str], bool] = {}
+    for adapter, pods in assignment.items():
+        ranked = sorted(pods, key=lambda pod: ((adapter, pod) not in preferred_now, pod_order.get(pod, 1 << 30), pod))
+        keep = max(1, desired.get(adapter, 1))
+        for i, pod in enumerate(ranked):
+            out[(adapter, pod)] = (not preferred_mode) or i < keep
+    return out
 
 
 def _fact(p: _Placement) -> st.PlacementFact:

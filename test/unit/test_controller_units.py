@@ -251,3 +251,18 @@ def test_audit_flags_lost_and_changed_adapters_but_not_loads_that_raced_the_chec
     assert lost_or_changed(p, missing, loaded + 10)
     assert not lost_or_changed(p, missing, loaded + 0.5)  # the request may have been sent before the load
     assert lost_or_changed(p, PodModels("tiny", {"lora-1": "/adapters/other"}), loaded + 10)
+
+
+def test_preferred_tiers_are_sticky_and_strict_mode_prefers_all():
+    from controller.autoscaler_reconciler import preferred_holders
+
+    order = {"p1": 0, "p2": 1, "p3": 2}
+    assignment = {"lora-1": frozenset({"p1", "p2", "p3"}), "lora-2": frozenset({"p2"})}
+    first = preferred_holders(assignment, {"lora-1": 1, "lora-2": 1}, set(), order, True)
+    assert first == {("lora-1", "p1"): True, ("lora-1", "p2"): False, ("lora-1", "p3"): False,
+                     ("lora-2", "p2"): True}
+    sticky = preferred_holders(assignment, {"lora-1": 1, "lora-2": 1}, {("lora-1", "p3")}, order, True)
+    assert sticky[("lora-1", "p3")] and not sticky[("lora-1", "p1")]
+    grown = preferred_holders(assignment, {"lora-1": 2, "lora-2": 1}, {("lora-1", "p3")}, order, True)
+    assert [p for p in ("p1", "p2", "p3") if grown[("lora-1", p)]] == ["p1", "p3"]
+    assert all(preferred_holders(assignment, {"lora-1": 1}, set(), order, False).values())
