@@ -326,6 +326,9 @@ class TestKubelet:
         with self._lock:
             runtimes = list(self._runtimes.values())
             self._runtimes.clear()
+        for runtime in runtimes:  # signal all first, so that they shut down in parallel
+            if runtime.proc is not None:
+                runtime.proc.signal_group(signal.SIGTERM)
         for runtime in runtimes:
             self._stop_runtime(runtime)
         if self._delete_node:

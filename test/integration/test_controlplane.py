@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -17,14 +18,13 @@ import pytest
 from localkube import components
 from localkube.certs import CertificateAuthority
 from localkube.controlplane import ControlPlane, ControlPlaneError, KubectlError
-from localkube.process import pid_alive
+from localkube.process import ManagedProcess, pid_alive, started_pids
 from localkube.wait import wait_until
-
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.integration
 def test_readyz_through_real_kubectl(control_plane: ControlPlane) -> None:
     result = control_plane.kubectl("get", "--raw", "/readyz")
     assert result.stdout.strip() == "ok"
@@ -32,6 +32,7 @@ def test_readyz_through_real_kubectl(control_plane: ControlPlane) -> None:
     assert version["serverVersion"]["gitVersion"] == "v1.34.4"
 
 
+@pytest.mark.integration
 def test_admin_is_cluster_admin_and_controllers_run(control_plane: ControlPlane, namespace: str) -> None:
     assert control_plane.kubectl("auth", "can-i", "*", "*").stdout.strip() == "yes"
     # the serviceaccount controller of kube-controller-manager gives every namespace its `default` account
@@ -42,12 +43,14 @@ def test_admin_is_cluster_admin_and_controllers_run(control_plane: ControlPlane,
     )
 
 
+@pytest.mark.integration
 def test_kubectl_error_carries_stderr(control_plane: ControlPlane) -> None:
     with pytest.raises(KubectlError, match=r"NotFound|not found"):
         control_plane.kubectl("get", "namespace", "no-such-namespace-here")
     assert control_plane.kubectl("get", "namespace", "no-such-namespace-here", check=False).returncode != 0
 
 
+@pytest.mark.integration
 def test_rbac_is_enforced_for_other_users(control_plane: ControlPlane) -> None:
     cert, key = control_plane.issue_client_certificate("jane", groups=("developers",))
     result = control_plane.kubectl(
@@ -58,6 +61,7 @@ def test_rbac_is_enforced_for_other_users(control_plane: ControlPlane) -> None:
     assert "jane" in result.stderr
 
 
+@pytest.mark.integration
 def test_deployment_controller_makes_pods(control_plane: ControlPlane, namespace: str) -> None:
     manifest = {
         "apiVersion": "apps/v1",
@@ -81,6 +85,7 @@ def test_deployment_controller_makes_pods(control_plane: ControlPlane, namespace
     wait_until(pods, timeout=20, what="2 pods made by the Deployment and ReplicaSet controllers")
 
 
+@pytest.mark.integration
 def test_apiserver_restart_keeps_data(control_plane: ControlPlane, namespace: str) -> None:
     control_plane.kubectl("create", "configmap", "keep", "-n", namespace, "--from-literal=a=b")
     before = control_plane.pids
@@ -116,6 +121,7 @@ def test_certificate_authority_refuses_nameless_serving_cert() -> None:
         ca.issue("x")
 
 
+@pytest.mark.integration
 def test_failing_component_is_named_with_its_log(tmp_path: Path) -> None:
     # A fake kube-apiserver that exits at once: the error must name it and show its log.
     bin_dir = tmp_path / "bin"
@@ -183,6 +189,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.integration
 def test_cli_up_runs_until_sigterm_and_leaves_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -219,6 +226,7 @@ def test_cli_up_runs_until_sigterm_and_leaves_nothing(tmp_path: Path) -> None:
             proc.wait()
 
 
+@pytest.mark.integration
 def test_harness_killed_with_sigkill_leaves_nothing(tmp_path: Path) -> None:
     # The harness process dies without any chance to clean up; its reaper must stop the components.
     script = (
@@ -249,6 +257,7 @@ def test_harness_killed_with_sigkill_leaves_nothing(tmp_path: Path) -> None:
             proc.wait()
 
 
+@pytest.mark.integration
 def test_sigterm_to_a_harness_process_stops_components_and_cleans_up(tmp_path: Path) -> None:
     # A script that never handles SIGTERM itself: the harness's handler stops the components, then
     # unwinds the `with` block (which removes the work dir, something only the in-process path does).
@@ -279,3 +288,43 @@ def test_sigterm_to_a_harness_process_stops_components_and_cleans_up(tmp_path: P
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- process supervision (no cluster needed) ------------------------------------------------------
+
+
+def test_stop_kills_the_whole_process_group_even_when_sigterm_is_ignored(tmp_path: Path) -> None:
+    # A parent that ignores SIGTERM and a grandchild that would outlive it: both must be gone.
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "print(f'child={child.pid}', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = ManagedProcess("stubborn", [sys.executable, "-c", script], tmp_path / "stubborn.log")
+    proc.start()
+    assert proc.pid is not None and proc.pid in started_pids()
+    found = wait_until(
+        lambda: re.findall(r"child=(\d+)", proc.log_path.read_text()), timeout=10, what="the child's pid"
+    )
+    grandchild = int(found[0])
+    assert pid_alive(grandchild)
+    t0 = time.monotonic()
+    code = proc.stop(grace=0.5)
+    assert code == -signal.SIGKILL
+    assert time.monotonic() - t0 < 5
+    assert not proc.alive()
+    wait_until(lambda: not pid_alive(grandchild), timeout=5, what="grandchild killed with its group")
+    assert proc.stop() == code, "stop is idempotent"
+
+
+def test_start_errors_and_log_tail(tmp_path: Path) -> None:
+    missing = ManagedProcess("ghost", [str(tmp_path / "no-such-binary")], tmp_path / "ghost.log")
+    with pytest.raises(RuntimeError, match="cannot start ghost"):
+        missing.start()
+    echo = ManagedProcess("echo", ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; done"], tmp_path / "echo.log")
+    echo.start()
+    wait_until(lambda: echo.returncode == 0, timeout=10, what="echo exits")
+    assert echo.log_tail(2) == "line4\nline5"
+    assert echo.reap() == 0
