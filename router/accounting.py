@@ -140,12 +140,20 @@ class Accounting:
         state.metrics = metrics
         state.inflight_at_scrape = state.inflight
 
-    def forget_pods(self, keep: set[str]) -> None:
-        """Drop idle pods that left the route table, so the state does not grow without bound."""
+    def forget_pods(self, keep: dict[str, str]) -> set[str]:
+        """Drop idle pods that left the route table (``keep``: address -> pod name of those in it), with
+        their counters, so the state does not grow with pod churn; returns the pod names dropped."""
         for address in [a for a, s in self.pods.items() if a not in keep and s.inflight <= 0]:
             del self.pods[address]
         for key in [k for k in self.pair_started if k[1] not in keep and k[1] not in self.pods]:
             del self.pair_started[key]
+        live = set(keep.values()) | {s.pod for s in self.pods.values()} | {""}
+        gone = {k[1] for k in self.codes if k[1] not in live} | {k[1] for k in self.errors if k[1] not in live}
+        for code_key in [k for k in self.codes if k[1] in gone]:
+            del self.codes[code_key]
+        for error_key in [k for k in self.errors if k[1] in gone]:
+            del self.errors[error_key]
+        return gone
 
     def snapshot(self, now: float) -> None:
         """Record the counters at ``now``; rates are computed over the snapshots inside the window."""

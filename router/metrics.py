@@ -135,6 +135,12 @@ class RouterMetrics:
             )
         )
 
+    def forget(self, pods: set[str]) -> None:
+        """Drop the histograms of pods that are gone."""
+        for series in (self._first_byte, self._total):
+            for key in [k for k in series if k[1] in pods]:
+                del series[key]
+
     def observe_first_byte(self, model: str, pod: str, seconds: float) -> None:
         hist = self._first_byte.get((model, pod))
         if hist is None:

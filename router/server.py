@@ -24,7 +24,7 @@ from router.strategies import Strategy
 log = logging.getLogger("router")
 
 SNAPSHOT_INTERVAL = 1.0
-FORGET_EVERY = 30  # snapshots between two clean-ups of pods that left the table
+FORGET_EVERY = 60  # snapshots between two clean-ups of pods that left the table
 
 
 class StaticRouteSource:
@@ -161,7 +161,7 @@ class RouterService:
             self.accounting.snapshot(loop.time())
             n += 1
             if n % FORGET_EVERY == 0:
-                self.accounting.forget_pods(set(self.table.addresses()))
+                self.metrics.forget(self.accounting.forget_pods(self.table.addresses()))
             await asyncio.sleep(SNAPSHOT_INTERVAL)
 
     async def stop(self) -> None:

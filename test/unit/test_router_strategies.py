@@ -192,3 +192,19 @@ def test_every_strategy_picks_a_listed_holder_and_is_deterministic(
     first = strategy.choose(r, acc.pods, (), seq)
     assert first in r.holders
     assert strategy.choose(r, acc.pods, (), seq) == first
+
+
+def test_accounting_forgets_pods_that_left_the_table_once_idle() -> None:
+    acc = Accounting()
+    busy(acc, A, "lora-x")
+    busy(acc, B, "lora-x")
+    acc.count_code("lora-x", A.pod, 200)
+    acc.count_code("lora-x", B.pod, 200)
+    acc.count_error("lora-x", B.pod, "connect")
+    acc.finish("lora-x", B.address)
+    # B left the table and is idle; A left too but still has a request in flight.
+    gone = acc.forget_pods({})
+    assert gone == {B.pod}
+    assert set(acc.pods) == {A.address}
+    assert set(acc.codes) == {("lora-x", A.pod, 200)} and acc.errors == {}
+    assert acc.models["lora-x"].inflight == 1
