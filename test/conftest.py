@@ -14,21 +14,46 @@ import re
 import signal
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kubernetes.client import ApiClient
 
 from localkube import process
+from localkube.binaries import BinariesError, find_binaries
 from localkube.controlplane import ControlPlane
 from localkube.kubelet import ADDRESSES, AddressAllocator, TestKubelet
 
 _startup_times: list[float] = []
 
 
+_binaries: list[Path | BinariesError] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the control-plane binaries before any test runs, when integration tests are selected.
+
+    A first build takes many minutes; done here it is outside every test's timeout, and its progress
+    is shown (output capture is suspended meanwhile). A failure is reported by the fixture.
+    """
+    if not any(item.get_closest_marker("integration") for item in session.items):
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    context = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+    with context:
+        try:
+            _binaries.append(find_binaries())
+        except BinariesError as exc:
+            _binaries.append(exc)
+
+
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
     """One control plane for the whole session (ready in seconds with cached binaries)."""
-    cp = ControlPlane(start_timeout=float(os.environ.get("LOCALKUBE_START_TIMEOUT", "60")))
+    found = _binaries[0] if _binaries else find_binaries()
+    if isinstance(found, BinariesError):
+        raise found
+    cp = ControlPlane(bin_dir=found, start_timeout=float(os.environ.get("LOCALKUBE_START_TIMEOUT", "60")))
     cp.start()
     _startup_times.append(cp.startup_seconds or 0.0)
     try:
