@@ -32,7 +32,7 @@ import jsonschema
 
 from api import v1alpha1 as v1
 from api.crd import json_schema
-from api.defaulting import apply_defaults
+from api.defaulting import defaulted
 
 # --- results -----------------------------------------------------------------------------------------
 
@@ -452,7 +452,7 @@ def _prepare(kind: str, obj: Any) -> tuple[dict[str, Any] | None, list[Problem]]
     if nesting_depth(obj) > MAX_DEPTH:
         return None, [Problem(ROOT_PATH, f"lists and objects nest more than {MAX_DEPTH} levels deep; no valid "
                               f"{kind} comes close")]
-    return apply_defaults(kind, _drop_nulls(obj)), []
+    return defaulted(kind, _drop_nulls(obj), in_place=True)[0], []  # _drop_nulls made a private copy
 
 
 def validate_autoscaler(obj: Any) -> list[Problem]:
@@ -571,7 +571,8 @@ def _capacity_warnings(spec: dict[str, Any], target: TargetScale, ref: tuple[str
         return [f"spec.scaleTargetRef: could not read the replicas of {what}, so the adapters' capacity was "
                 f"not checked{detail}"]
     replicas = target.replicas or 0
-    adapters = [a for a in spec.get("adapters") or [] if isinstance(a, dict)]
+    listed = spec.get("adapters")
+    adapters = [a for a in listed if isinstance(a, dict)] if isinstance(listed, list) else []
     if not adapters:
         return []
     if replicas <= 0:

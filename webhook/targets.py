@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 from api.validation import TargetScale
-from common.kube import ApiError, KubeClient, Resource
+from common.kube import ApiError, KubeClient
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ class ScaleReader:
                                      timeout=(self._timeout, self._timeout))
         except ApiError as exc:
             if exc.not_found:
-                # 404 for the object, or for the subresource of a kind that has none.
-                if self._exists(resource, name, namespace):
-                    return TargetScale("unknown", detail=f"{kind} has no scale subresource")
-                return TargetScale("missing")
+                # 404 names the object when it is missing; a kind without a scale subresource gets a bare 404.
+                if exc.details.get("name") == name:
+                    return TargetScale("missing")
+                return TargetScale("unknown", detail=f"{kind} has no scale subresource")
             if exc.status == 403:
                 return TargetScale("unknown", detail="the webhook may not read the scale subresource (RBAC)")
             return TargetScale("unknown", detail=f"{exc.status or 'no response'} {exc.reason}".strip())
@@ -80,13 +80,6 @@ class ScaleReader:
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             return TargetScale("unknown", detail="its scale subresource reports no replicas")
         return TargetScale("found", replicas=replicas)
-
-    def _exists(self, resource: Resource, name: str, namespace: str) -> bool:
-        try:
-            self._client.get(resource, name, namespace, timeout=(self._timeout, self._timeout))
-        except ApiError:
-            return False
-        return True
 
     async def read(self, namespace: str, api_version: str, kind: str, name: str) -> TargetScale:
         key = (namespace, api_version, kind, name)
