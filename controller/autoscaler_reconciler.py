@@ -112,10 +112,12 @@ class AutoscalerReconciler:
             with self._lock:
                 self._policy.pop(key, None)
             return None
-        if (obj.get("metadata") or {}).get("deletionTimestamp"):
-            return None  # garbage collection removes what it owns
         now = rt.clock()
         ns, name = key.split("/", 1)
+        if (obj.get("metadata") or {}).get("deletionTimestamp"):
+            return self._finalize(key, obj)
+        if not self._ensure_finalizer(obj):
+            return 1.0
         try:
             problems = validate_autoscaler(obj)
         except Exception as exc:  # the rules themselves failed: say so rather than crash the worker
@@ -296,6 +298,67 @@ class AutoscalerReconciler:
         if errors.errors:
             return min(sync_period, 2.0)
         return sync_period
+
+    # ---- deletion: unload everything, then let the object go ---------------------------------------------
+
+    def _ensure_finalizer(self, obj: JSON) -> bool:
+        """Add the finalizer that lets a deleted autoscaler unload its adapters first; False: retry soon."""
+        meta = obj["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if L.FINALIZER in finalizers:
+            return True
+        patch = {"metadata": {"finalizers": [*finalizers, L.FINALIZER],
+                              "resourceVersion": meta.get("resourceVersion")}}
+        try:
+            out = self.rt.kube.patch(LORA_AUTOSCALERS, meta["name"], patch, meta["namespace"])
+        except ApiError as exc:
+            if exc.status == 409 or exc.not_found:
+                return False  # changed meanwhile: the cache brings the new version
+            raise
+        metrics.WRITES.labels("loraautoscalers", "finalizer").inc()
+        self.rt.autoscalers.wrote(out)
+        return True
+
+    def _finalize(self, key: str, obj: JSON) -> float | None:
+        """Retire every placement (drain, unload), keep the route table truthful meanwhile, then release."""
+        meta = obj["metadata"]
+        if L.FINALIZER not in (meta.get("finalizers") or []):
+            return None
+        ns, name = meta["namespace"], meta["name"]
+        errors = _SyncErrors()
+        placements = self._placements(key)
+        for p in placements:
+            if not p.typed.spec.retire:
+                self._retire(p, f"{p.typed.spec.adapter} leaves pod {p.typed.spec.pod_name}: the autoscaler is "
+                             "being deleted", errors)
+        placements = self._placements(key)
+        if placements:
+            try:
+                auto = v1.LoRAAutoscaler.from_object(obj)
+                port, adapters = auto.spec.vllm.port, tuple(a.name for a in auto.spec.adapters)
+                preferred = auto.spec.placement_mode == "preferred"
+            except Exception:
+                port, adapters, preferred = 8000, tuple(sorted({p.typed.spec.adapter for p in placements})), False
+            pods = {v.name: v for v in (view(o) for o in self.rt.pods.list(ns))}
+            table = routes.render(routes.RouteInput(
+                autoscaler=name, namespace=ns, owner=owner_reference(obj), port=port, adapters=adapters,
+                preferred_mode=preferred, pods=pods, placements=tuple(_route(p) for p in placements),
+                base_model=self.rt.models.base(key)))
+            self._publish(key, ns, table, errors)
+            return 1.0
+        finalizers = [f for f in meta.get("finalizers") or [] if f != L.FINALIZER]
+        try:
+            self.rt.kube.patch(LORA_AUTOSCALERS, name, {"metadata": {
+                "finalizers": finalizers or None, "resourceVersion": meta.get("resourceVersion")}}, ns)
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            if exc.status == 409:
+                return 0.5
+            raise
+        metrics.WRITES.labels("loraautoscalers", "finalizer").inc()
+        self.rt.recorder.event(obj, "Normal", "Released", "every adapter unloaded; the autoscaler can go")
+        return None
 
     # ---- reads ------------------------------------------------------------------------------------------
 

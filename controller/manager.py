@@ -282,7 +282,9 @@ class Controller:
                 (new.get("metadata") or {}).get("generation"):
             for p in self.placement_informer.by_index(BY_AUTOSCALER, key_of(new)):
                 self._enqueue_placement(key_of(p))
-        if old.get("spec") != new.get("spec") or (new.get("metadata") or {}).get("deletionTimestamp"):
+        old_meta, new_meta = old.get("metadata") or {}, new.get("metadata") or {}
+        if old.get("spec") != new.get("spec") or new_meta.get("deletionTimestamp") or \
+                old_meta.get("finalizers") != new_meta.get("finalizers"):
             self._enqueue_autoscaler(key_of(new))
 
     def _placement_event(self, obj: JSON) -> None:

@@ -111,9 +111,10 @@ class Store:
 
     def by_index(self, name: str, value: str) -> builtins.list[JSON]:
         cached: dict[str, JSON | None] = {key_of(o): o for o in self.cache.by_index(name, value)}
-        for key in self._pending():
-            cached.setdefault(key, self.cache.get(key))
         fn = self._indexes.get(name)
+        if fn is not None:  # without the index function, pending writes cannot be placed in the index
+            for key in self._pending():
+                cached.setdefault(key, self.cache.get(key))
         result = []
         for key, obj in cached.items():
             got = self._resolve(key, obj)

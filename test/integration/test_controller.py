@@ -70,7 +70,9 @@ def crds(control_plane: ControlPlane) -> None:
                           "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
 
 
-POD_NET = "10.244.251"  # a /24 on the loopback interface: local like 127/8, but accepted in EndpointSlices
+# A /24 on the loopback interface: local like 127/8, but accepted in EndpointSlices. One per test process,
+# so concurrent sessions neither collide nor remove each other's addresses.
+POD_NET = f"10.244.{100 + os.getpid() % 150}"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def pod_network() -> Iterator[None]:
 
     added = subprocess.run(["ip", "addr", "add", f"{POD_NET}.1/24", "dev", "lo"], capture_output=True, text=True,
                            check=False)
-    if added.returncode != 0 and "File exists" not in added.stderr:
+    if added.returncode != 0 and "File exists" not in added.stderr and "already assigned" not in added.stderr:
         pytest.fail(f"cannot add {POD_NET}.1/24 to lo for EndpointSlice-valid pod IPs: {added.stderr.strip()}")
     allocator = kubelet_module.AddressAllocator
     original_address, original_release = allocator._address, allocator.release
@@ -617,3 +619,23 @@ def test_the_shipped_rbac_is_enough(
     finally:
         c.stop()
         kube.api_client.close()
+
+
+def test_deleting_the_autoscaler_unloads_every_adapter_first(
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, controller: Controller
+) -> None:
+    cp = control_plane
+    apply(cp, vllm_deployment("llm", namespace, 2))
+    pods = wait_ready(cp, namespace, "llm", 2)
+    apply(cp, autoscaler("a", namespace, "llm"))
+    names = [p["metadata"]["name"] for p in pods]
+    wait_layout(cp, namespace, "a", proposal_layout(names, ADAPTERS), timeout=30)
+    assert L.FINALIZER in get_json(cp, "loraautoscaler", "a", "-n", namespace)["metadata"]["finalizers"]
+    cp.kubectl("delete", "loraautoscaler", "a", "-n", namespace, "--wait=false")
+    wait_until(lambda: cp.kubectl("get", "loraautoscaler", "a", "-n", namespace, check=False).returncode != 0,
+               timeout=30, what="the autoscaler gone")
+    for p in pods:
+        assert sim_models(p["status"]["podIP"]) == set(), "an adapter was left loaded on a pod"
+    assert placements(cp, namespace) == []
+    wait_until(lambda: not get_json(cp, "endpointslices", "-n", namespace, "-l", L.AUTOSCALER_LABEL)["items"],
+               timeout=30, what="the route table removed by garbage collection")
