@@ -14,9 +14,9 @@ Rules, in order of application:
    adapters (ties: the latest pod). With ``fill_idle_pods`` a copy that is alone on its pod is an extra
    (a fill copy) and is kept: removing it would leave the pod idle.
 4. Deficit: missing copies go to the least loaded eligible pod (ties: pod order), adapter by adapter
-   in spec order. When the free slots cannot hold every missing copy, in rounds instead: every adapter
-   gets its n-th copy before any adapter gets its (n+1)-th, so no adapter is left without a replica
-   while another has several. Only when no eligible
+   in spec order. When the free slots cannot hold every missing copy (or some pods must be avoided), in
+   rounds instead: every adapter gets its n-th copy before any adapter gets its (n+1)-th, so no adapter
+   is left without a replica while another has several. Only when no eligible
    pod has a free slot are existing copies moved (the shortest chain of moves that frees a slot) or an
    extra copy evicted; what still does not fit is ``shortfall``.
 5. Fill: with ``fill_idle_pods`` every pod still empty gets the adapter with the fewest copies.
@@ -167,6 +167,13 @@ class _Engine:
         heapq.heapify(self.heap)
         self.free_slots = sum(cap - x for x in load if x < cap)
         self.stuck: set[int] = set()  # adapters for which no chain of moves frees a slot
+        # Learnt by failed searches, valid until the next edit: pods from which no chain leads to room,
+        # and whether any adapter has a copy to spare.
+        self.edits = 0
+        self._memo_at = -1
+        self._dead: set[int] = set()
+        self._any_surplus = False
+        self._floor = 0
 
     @property
     def on_pod(self) -> list[set[int]]:
@@ -182,6 +189,7 @@ class _Engine:
     # -- primitive edits ------------------------------------------------------------------------------
 
     def _put(self, a: int, p: int) -> None:
+        self.edits += 1
         self.holders[a].add(p)
         self.touched.add(a)
         if self._on_pod is not None:
@@ -192,6 +200,7 @@ class _Engine:
         heapq.heappush(self.heap, load * self.stride + p)
 
     def _take(self, a: int, p: int) -> None:
+        self.edits += 1
         self.holders[a].discard(p)
         self.touched.add(a)
         if self._on_pod is not None:
@@ -268,11 +277,6 @@ class _Engine:
     def _surplus(self, b: int) -> bool:
         return len(self.holders[b]) > self.target[b]
 
-    def _edit_cost(self, b: int, p: int, adding: bool) -> int:
-        """Net loads plus unloads that adding or removing (b, p) costs against the original copies."""
-        original = p in self.original[b]
-        return (-1 if original else 1) if adding else (1 if original else -1)
-
     def _augment(self, a: int) -> bool:
         """Free a slot for ``a`` by the shortest chain of moves, or by evicting an extra copy.
 
@@ -280,43 +284,65 @@ class _Engine:
         adapter ``b`` on it is evicted (it has copies to spare), moves to a pod with a free slot, or moves
         to another full pod from which the search continues. Within a level the cheapest end wins.
         """
-        n_adapters = len(self.target)
-        if self.free_slots <= 0 and not any(self._surplus(b) for b in range(n_adapters)):
-            return False
-        on_pod, holders, avoid, cap = self.on_pod, self.holders, self.avoid, self.cap
+        if self._memo_at != self.edits:  # what was learnt holds only until the next edit
+            self._memo_at, self._dead = self.edits, set()
+            self._any_surplus = any(self._surplus(b) for b in range(len(self.target)))
+            # The cheapest move: -2 (undo a load and undo an unload) needs an unloaded original copy.
+            self._floor = -2 if any(o and not o <= h for o, h in zip(self.original, self.holders,
+                                                                      strict=True)) else 0
+        if self.free_slots <= 0 and not self._any_surplus:
+            return False  # no free slot and nothing to evict: no chain can end anywhere
+        # Without evictions, a move as cheap as the floor cannot be beaten: stop at the end of its pod.
+        stop_at = None if self._any_surplus else self._floor
+        on_pod, holders, avoid, cap, dead = self.on_pod, self.holders, self.avoid, self.cap, self._dead
         load = self.load
         free_pods = [q for _, q in sorted((load[q], q) for q in range(self.n_pods) if load[q] < cap)]
         # parent[q] = (pod the mover leaves, mover) for a full pod q reached by the search.
         parent: dict[int, tuple[int, int]] = {}
-        level = [p for p in range(self.n_pods) if p not in holders[a] and p not in avoid[a]]
+        level = [p for p in range(self.n_pods) if p not in holders[a] and p not in avoid[a] and p not in dead]
         for p in level:
             parent[p] = (-1, -1)
-        unvisited = [q for q in range(self.n_pods) if q not in parent]
-        dest_of: dict[int, list[int]] = {}  # mover -> free pods it may go to (they stay free meanwhile)
+        unvisited = [q for q in range(self.n_pods) if q not in parent and q not in dead]
+        original, target = self.original, self.target
+        spare: dict[int, bool] = {}  # adapter -> has a copy to spare (may be evicted)
+        # mover -> (net edits, free pod) of its cheapest destination: a pod it held before this plan
+        # (undoing a removal) before any other, least loaded first; None when no free pod may take it.
+        dest_of: dict[int, tuple[int, int] | None] = {}
         end: tuple[int, int, int] | None = None  # (pod freed, mover, destination or -1 for eviction)
         while level and end is None:
-            best: tuple[int, int, int, int] | None = None  # (cost, -pod, mover, destination)
+            # Cheapest end of this level: fewest net edits, evictions before moves, then pod order
+            # (evictions: the latest pod and adapter, as surplus removal does).
+            best_key: tuple[int, int, int, int] | None = None
+            best_end: tuple[int, int, int] | None = None
             for p in level:
                 for b in on_pod[p]:
                     if b == a:
                         continue
-                    leave = self._edit_cost(b, p, adding=False)
-                    if self._surplus(b):
-                        # Evicting is one edit fewer than moving; ties: the latest pod, the latest adapter.
-                        cand = (leave, -p, -b, -1)
-                        if best is None or cand < best:
-                            best = cand
+                    leave = 1 if p in original[b] else -1  # unloading a copy that was there, or undoing a load
+                    has_spare = spare.get(b)
+                    if has_spare is None:
+                        has_spare = spare[b] = len(holders[b]) > target[b]
+                    if has_spare:
+                        key = (leave, 0, -p, -b)
+                        if best_key is None or key < best_key:
+                            best_key, best_end = key, (p, b, -1)
                         continue
-                    if b not in dest_of:
-                        hb, ab = holders[b], avoid[b]
-                        dest_of[b] = [q for q in free_pods if q not in hb and q not in ab]
-                    for q in dest_of[b]:
-                        cand = (leave + self._edit_cost(b, q, adding=True) + 1, p, b, q)
-                        if best is None or cand < best:
-                            best = cand
-            if best is not None:
-                _, p, b, q = best
-                end = (-p, -b, -1) if q < 0 else (p, b, q)
+                    if b in dest_of:
+                        dest = dest_of[b]
+                    else:
+                        hb, ab, ob = holders[b], avoid[b], original[b]
+                        ok = [q for q in free_pods if q not in hb and q not in ab]
+                        back = next((q for q in ok if q in ob), None)
+                        dest = dest_of[b] = (-1, back) if back is not None else ((1, ok[0]) if ok else None)
+                    if dest is None:
+                        continue
+                    key = (leave + dest[0], 1, p, b)
+                    if best_key is None or key < best_key:
+                        best_key, best_end = key, (p, b, dest[1])
+                if stop_at is not None and best_key is not None and best_key[0] <= stop_at:
+                    break
+            if best_end is not None:
+                end = best_end
                 break
             nxt: list[int] = []
             for p in level:
@@ -334,11 +360,15 @@ class _Engine:
                     unvisited = keep
             level = nxt
         if end is None:
+            if not any(p in holders[a] for p in parent):
+                # Nothing reachable from these pods leads to room, whichever adapter asks (a's own
+                # copies, skipped for a, are not among them): later searches skip them.
+                dead.update(parent)
             return False
-        p, b, dest = end
+        p, b, to = end
         self._take(b, p)
-        if dest >= 0:
-            self._put(b, dest)
+        if to >= 0:
+            self._put(b, to)
         # Walk back: each earlier mover leaves its pod for the slot just freed.
         while parent[p][0] >= 0:
             src, mover = parent[p]
@@ -364,18 +394,39 @@ class _Engine:
 
         When the deficits fit in the free slots, adapter by adapter in spec order, each copy on the least
         loaded pod: this keeps pod loads within one of each other (the even dispatch). When they do not
-        fit, in rounds instead: every adapter gets its n-th copy before any gets its (n+1)-th (spec order
-        within a round), so no adapter is left without a replica while another gets several.
+        fit, or pods must be avoided (then not every adapter fits anywhere), in rounds instead: every
+        adapter gets its n-th copy before any gets its (n+1)-th (spec order within a round), so no adapter
+        is left without a replica while another gets several.
         """
         holders, reachable, stuck = self.holders, self.reachable, self.stuck
         active = [a for a in range(len(self.target)) if len(holders[a]) < reachable[a] and a not in stuck]
         if not active:
             return False
         added = False
-        if sum(reachable[a] - len(holders[a]) for a in active) <= self.free_slots:
+        free = self.free_slots
+        if any(self.avoid[a] for a in active):
+            # With pods to avoid, a copy placed early can block another adapter's only pod: rounds.
+            want = [0] * len(reachable)
+        elif sum(reachable[a] - len(holders[a]) for a in active) <= free:
+            want = reachable
+        else:
+            # Levels up to the highest one whose copies all fit in the free slots are filled adapter by
+            # adapter (every such copy has room, so the order matters little and this is faster); the
+            # rounds below share out the rest.
+            lo, hi = 0, max(reachable[a] for a in active)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if sum(max(0, min(reachable[a], mid) - len(holders[a])) for a in active) <= free:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            want = [min(r, lo) for r in reachable]
+        if any(len(holders[a]) < want[a] for a in active):
             heap, load, push, stride = self.heap, self.load, heapq.heappush, self.stride
             for a in active:
-                found = self._least_loaded(a, reachable[a] - len(holders[a]))
+                if len(holders[a]) >= want[a]:
+                    continue
+                found = self._least_loaded(a, want[a] - len(holders[a]))
                 if found:
                     # _put inlined: this loop places every copy of a first dispatch.
                     held = holders[a]
@@ -387,10 +438,13 @@ class _Engine:
                         for p in found:
                             self._on_pod[p].add(a)
                     self.free_slots -= len(found)  # every pod found had a free slot
+                    self.edits += 1
                     self.touched.add(a)
                     added = True
-                while len(holders[a]) < reachable[a] and self._place_one(a):
+                while len(holders[a]) < want[a] and self._place_one(a):
                     added = True
+            active = [a for a in active if len(holders[a]) < reachable[a] and a not in stuck]
+        if not active:
             return added
         level = min(len(holders[a]) for a in active)
         while active:
