@@ -4,6 +4,7 @@ kept in test/manifests, and agreement with the CRD (schema validators and struct
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -495,7 +496,7 @@ def test_scale_target_ref_only_when_usable() -> None:
 # --- defaults ----------------------------------------------------------------------------------------
 
 
-def apply_patch(obj: Any, ops: list[dict[str, Any]]) -> Any:
+def apply_patch(obj: Any, ops: Sequence[Mapping[str, Any]]) -> Any:
     """RFC 6902 ``add`` (the only operation defaulting emits), written independently of api.defaulting."""
     out = copy.deepcopy(obj)
     for op in ops:

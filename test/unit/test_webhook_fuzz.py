@@ -105,8 +105,10 @@ json_values = st.recursive(
     max_leaves=20,
 )  # fmt: skip
 #: Cheap stand-ins for "any JSON value" inside schema-shaped objects (generation cost dominates otherwise).
-junk = st.sampled_from([None, True, False, 0, -1, 1.5, 2**63 - 1, -(2**63), 1e300, "", "x", "ä\u0000", [], {},
-                        [None], {"a": 1}, [[[]]], {"": {"": None}}])
+junk: st.SearchStrategy[Any] = st.sampled_from([
+    None, True, False, 0, -1, 1.5, 2**63 - 1, -(2**63), 1e300, "", "x", "ä\u0000", [], {}, [None], {"a": 1}, [[[]]],
+    {"": {"": None}},
+])
 paths = st.sampled_from(["/mutate", "/validate"])
 GVKS = [
     {"group": v1.GROUP, "version": v1.VERSION, "kind": v1.AUTOSCALER_KIND},
