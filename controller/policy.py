@@ -186,7 +186,7 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Work:
     """One adapter's mutable working copy during a decision."""
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.placement import AdapterTarget, PlacementError, PlacementInput, PlacementPlan, plan
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pods_(n: int) -> tuple[str, ...]:
@@ -380,3 +386,28 @@ def test_first_dispatch_is_even(n_pods, replicas, cap, fill):
         assert p.shortfall == {t.name: t.replicas - n_pods for t in targets if t.replicas > n_pods}
         loads = list(p.pod_load.values())
         assert max(loads) - min(loads) <= 1
+
+
+def test_same_plan_whatever_the_string_hash_seed():
+    """Sets of pod names iterate in a per-process order; the plan must not depend on it."""
+    script = """
+import random
+from controller.placement import AdapterTarget, PlacementInput, plan
+rng = random.Random(3)
+pods = tuple(f"pod-{i}" for i in range(60))
+adapters = tuple(AdapterTarget(f"lora-{i}", rng.randint(0, 9)) for i in range(40))
+for fill in (True, False):
+    for capacity in (2, 4, 6):
+        current = {t.name: frozenset(rng.sample(pods, rng.randint(0, 12))) for t in adapters}
+        avoid = {t.name: frozenset(rng.sample(pods, 3)) for t in adapters[::7]}
+        p = plan(PlacementInput(pods[5:], capacity, adapters, current, avoid, fill))
+        print(sorted((a, sorted(s)) for a, s in p.assignment.items()), p.add, p.remove, p.dropped,
+              sorted(p.shortfall.items()), p.relocations)
+"""
+    outputs = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, check=True)
+        outputs.append(done.stdout)
+    assert outputs[0] and outputs[0] == outputs[1] == outputs[2]
