@@ -203,12 +203,13 @@ def test_watch_from_a_too_old_resource_version_is_gone_and_the_informer_relists(
         assert inf.wait_for_sync(10)
         wait_until(lambda: inf.watch_count >= 1, timeout=10, what="the first watch")
         # Force the next watch to start from an expired resourceVersion, as after a long disconnection.
-        inf._rv = "1"
+        # (Change nothing until the stream is closed: an event on it would move the resourceVersion on.)
         with inf._stream_lock:
             open_stream = inf._stream
         assert open_stream is not None
-        kube.delete(CONFIGMAPS, "before", namespace)
+        inf._rv = "1"
         open_stream.close()
+        kube.delete(CONFIGMAPS, "before", namespace)
         wait_until(lambda: "gone" in inf.relist_reasons, timeout=15, what="a relist after 410")
         wait_until(lambda: inf.get(f"{namespace}/before") is None, timeout=10, what="the relisted store")
         assert seen.of("before")[-1] == "delete"

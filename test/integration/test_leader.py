@@ -86,7 +86,7 @@ def test_one_leader_then_a_prompt_takeover_after_release(kube: KubeClient, names
         renewed = lease_spec(kube, namespace)["renewTime"]
         wait_until(lambda: lease_spec(kube, namespace)["renewTime"] != renewed, timeout=5, what="a renewal")
         assert leader.is_leader() and not standby.is_leader()
-        assert standby.leader == leader.identity, "the standby knows who leads"
+        wait_until(lambda: standby.leader == leader.identity, timeout=5, what="the standby to know who leads")
         spec = lease_spec(kube, namespace)
         assert spec["holderIdentity"] == leader.identity and spec["leaseDurationSeconds"] == int(LEASE)
 
