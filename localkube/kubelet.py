@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import http.client
 import ipaddress
 import json
@@ -87,21 +88,24 @@ def _now() -> str:
 class AddressAllocator:
     """Hands out pod addresses of one local network, lowest free first: 127.0.0.2, 127.0.0.3, ... by default.
 
-    Shared by every kubelet in the process that uses the same network, and an address is skipped when
-    something else already listens on the wanted port there, so two pods never share an (address, port).
-    Addresses ending in .0 or .255 are never used.
+    Shared by every kubelet in the process that uses the same network. Across processes (several test
+    runs at once) an address is claimed with an advisory lock file, held until it is released or the
+    process dies; and an address is skipped when something else already listens on the wanted port
+    there. So two pods never share an (address, port). Addresses ending in .0 or .255 are never used.
 
     127.0.0.0/8 needs no set-up but the API server refuses loopback addresses in Endpoints and
     EndpointSlices; a network added to the loopback interface (`add_loopback_network`) is just as
     local and is accepted there.
     """
 
-    def __init__(self, network: str = "127.0.0.0/8") -> None:
+    def __init__(self, network: str = "127.0.0.0/8", lock_dir: Path | None = None) -> None:
         self.network = ipaddress.ip_network(network)
         if self.network.version != 4 or self.network.num_addresses < 4:
             raise ValueError(f"pod network {network} must be an IPv4 network of at least 4 addresses")
         self._lock = threading.Lock()
         self._used: set[int] = set()
+        self._claims: dict[int, int] = {}  # n -> fd of the lock file held for that address
+        self._lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"localkube-addresses-{os.getuid()}"
 
     def _address(self, n: int) -> str:
         return str(self.network.network_address + n)
@@ -116,6 +120,25 @@ class AddressAllocator:
                 return False
         return True
 
+    def _claim(self, n: int, ip: str) -> bool:
+        """Take the cross-process lock of an address (kept if this process already holds it)."""
+        if n in self._claims:
+            return True
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_dir / f"{ip}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._claims[n] = fd
+        return True
+
+    def _unclaim(self, n: int) -> None:
+        fd = self._claims.pop(n, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the lock
+
     def acquire(self, port: int) -> str:
         """The lowest free address where `port` can be bound."""
         with self._lock:
@@ -123,15 +146,20 @@ class AddressAllocator:
                 if n & 255 in (0, 255) or n in self._used:
                     continue
                 ip = self._address(n)
+                if not self._claim(n, ip):
+                    continue
                 if self._bindable(ip, port):
                     self._used.add(n)
                     return ip
+                self._unclaim(n)
         raise RuntimeError(f"no free address left in pod network {self.network} for port {port}")
 
     def release(self, ip: str) -> None:
         """Make an address available again."""
+        n = int(ipaddress.ip_address(ip)) - int(self.network.network_address)
         with self._lock:
-            self._used.discard(int(ipaddress.ip_address(ip)) - int(self.network.network_address))
+            self._used.discard(n)
+            self._unclaim(n)
 
 
 _allocators: dict[str, AddressAllocator] = {}

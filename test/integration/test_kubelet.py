@@ -11,6 +11,9 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -473,14 +476,32 @@ def test_sim_args_annotation_appends_simulator_flags() -> None:
     assert list(command.vllm_flags) == ["m", "--sim-load-time", "0.5"]
 
 
-def test_address_allocator_reuses_the_lowest_free_address() -> None:
-    alloc = AddressAllocator()
+def test_address_allocator_reuses_the_lowest_free_address(tmp_path: Path) -> None:
+    alloc = AddressAllocator(lock_dir=tmp_path)
     a, b = alloc.acquire(18000), alloc.acquire(18000)
     assert (a, b) == ("127.0.0.2", "127.0.0.3")
     alloc.release(a)
     assert alloc.acquire(18000) == "127.0.0.2"
     assert alloc.acquire(18000) == "127.0.0.4"
-    small = AddressAllocator("10.9.8.0/30")
+    # another process holding 127.0.0.3 (its lock file) makes this one skip it
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "127.0.0.5.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert alloc.acquire(18000) == "127.0.0.6"
+    finally:
+        holder.kill()
+        holder.wait()
+    small = AddressAllocator("10.9.8.0/30", lock_dir=tmp_path)
     with pytest.raises(RuntimeError, match=r"no free address left in pod network 10\.9\.8\.0/30"):
         small.acquire(18000)  # .2 is the only candidate and it is not a local address here
     with pytest.raises(ValueError, match="at least 4 addresses"):
