@@ -508,6 +508,8 @@ class TestKubelet:
                         _request_timeout=(3.0, _WATCH_SECONDS + 30),
                     )
                     try:
+                        if self._stopping.is_set():  # stop() may have looked before the watch existed
+                            return
                         for line in iter_resp_lines(resp):
                             if not line:
                                 continue
