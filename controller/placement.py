@@ -515,9 +515,11 @@ def plan(inp: PlacementInput) -> PlacementPlan:
         name = t.name
         spec_names.add(name)
         before = inp.current.get(name, empty)
+        if not isinstance(before, frozenset):
+            before = frozenset(before)  # any collection of pod names will do
         if a not in touched and exact[a]:
             # Unchanged: the copies that exist are the assignment (the common case every sync).
-            final = before if isinstance(before, frozenset) else frozenset(before)
+            final = before
         else:
             names = [pods[p] for p in holders[a]]
             final = frozenset(names)
@@ -533,10 +535,10 @@ def plan(inp: PlacementInput) -> PlacementPlan:
         missing = t.replicas - len(final)
         if missing > 0:
             shortfall[name] = missing
-    for name, before in inp.current.items():
+    for name, others in inp.current.items():
         if name in spec_names:
             continue
-        for pod in before:
+        for pod in others:
             (remove if pod in engine.pod_index else dropped).append((name, pod))
     add.sort()
     remove.sort()

@@ -148,6 +148,13 @@ def test_when_room_is_short_first_copies_come_before_second_ones():
     assert p.shortfall == {"lora-1": 2}
 
 
+def test_current_may_be_any_collection_of_pod_names():
+    current = {"lora-1": ["pod-1", "pod-9"], "lora-2": {"pod-2"}}
+    p = plan(PlacementInput(pods_(2), 4, adapters_(1, 1), current=current))  # type: ignore[arg-type]
+    assert p.assignment == {"lora-1": frozenset({"pod-1"}), "lora-2": frozenset({"pod-2"})}
+    assert p.dropped == (("lora-1", "pod-9"),) and p.add == () and p.remove == ()
+
+
 def test_adapters_removed_from_the_spec_are_unloaded():
     current = {"old": frozenset({"pod-1"}), "lora-1": frozenset({"pod-1"}), "gone": frozenset({"pod-9"})}
     p = plan(PlacementInput(pods_(2), 4, adapters_(1), current=current, fill_idle_pods=False))
