@@ -13,13 +13,14 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from api import v1alpha1 as v1
 from controller import metrics
 from controller.pods import PodView, labels_of, view
-from controller.runtime import ModelsObservation, Runtime
+from controller.runtime import BY_POD, ModelsObservation, Runtime
 from controller.store import key_of
 from controller.timeutil import parse_time
 from controller.vllm_client import PodModels, lora_path
@@ -41,6 +42,7 @@ class PodAuditor:
         self.rt = rt
         self.period = period
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audit")
+        self._suspects: set[tuple[str, str]] = set()  # (pod uid, adapter) seen orphaned in the last round
 
     def run(self, stop: threading.Event) -> None:
         """Audit every ``period`` seconds until ``stop`` is set."""
@@ -104,9 +106,11 @@ class PodAuditor:
                         work[(ns, pod.name)] = _PodWork(ns, pod, auto, akey, [])
                         break
         items = list(work.values())
+        seen: set[tuple[str, str]] = set()
         for item, result in zip(items, self._pool.map(self._ask, items), strict=True):
             if result is not None:
-                self._judge(item, result)
+                seen |= self._judge(item, result)
+        self._suspects = seen
         return len(items)
 
     def _ask(self, item: _PodWork) -> ModelsObservation | None:
@@ -127,13 +131,46 @@ class PodAuditor:
         self.rt.models.put(item.pod.uid, obs)
         return obs
 
-    def _judge(self, item: _PodWork, obs: ModelsObservation) -> None:
+    def _judge(self, item: _PodWork, obs: ModelsObservation) -> set[tuple[str, str]]:
+        """Wake placements that lost their adapter; unload orphans seen twice. Returns this round's orphans."""
         rt = self.rt
         if rt.models.set_base(item.autoscaler_key, obs.models.base):
             rt.enqueue_autoscaler(item.autoscaler_key)
         for key, p in item.placements:
             if lost_or_changed(p, obs.models, obs.started):
                 rt.enqueue_placement(key)
+        placed = set()
+        for o in rt.placements.by_index(BY_POD, f"{item.namespace}/{item.pod.name}"):
+            spec = o.get("spec") or {}
+            if spec.get("autoscaler") == item.autoscaler.name:
+                placed.add(str(spec.get("adapter")))
+        names = {a.name for a in item.autoscaler.spec.adapters}
+        found = {(item.pod.uid, a) for a in orphans(obs.models.adapters, names, placed)}
+        for _uid, adapter in sorted(found & self._suspects):
+            self._unload_orphan(item, adapter)
+        return found
+
+    def _unload_orphan(self, item: _PodWork, adapter: str) -> None:
+        vllm = item.autoscaler.spec.vllm
+        api_key = None
+        if vllm.api_key_secret_ref is not None:
+            api_key = self.rt.read_secret(item.namespace, vllm.api_key_secret_ref.name, vllm.api_key_secret_ref.key)
+        client = self.rt.vllm.get(vllm.scheme, api_key, float(vllm.load_timeout_seconds))
+        result = client.unload(f"{item.pod.ip}:{vllm.port}", item.pod.name, adapter)
+        metrics.UNLOADS.labels(result.outcome.value).inc()
+        log.info("unloaded orphan %s from %s: %s", adapter, item.pod.name, result.message)
+        auto_obj = self.rt.autoscalers.get(item.autoscaler_key)
+        if auto_obj is not None and result.ok:
+            self.rt.recorder.event(auto_obj, "Normal", "OrphanUnloaded",
+                                   f"{adapter} was loaded on pod {item.pod.name} without a placement: unloaded")
+
+
+def orphans(held: Mapping[str, str], managed: set[str], placed: set[str]) -> set[str]:
+    """Adapters of this autoscaler that a pod holds without any placement saying it should (pure).
+
+    Only names the autoscaler manages count: adapters someone else loaded stay alone.
+    """
+    return {a for a in held if a in managed and a not in placed}
 
 
 def lost_or_changed(p: v1.LoRAPlacement, models: PodModels, observed_at: float) -> bool:

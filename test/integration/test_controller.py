@@ -639,3 +639,28 @@ def test_deleting_the_autoscaler_unloads_every_adapter_first(
     assert placements(cp, namespace) == []
     wait_until(lambda: not get_json(cp, "endpointslices", "-n", namespace, "-l", L.AUTOSCALER_LABEL)["items"],
                timeout=30, what="the route table removed by garbage collection")
+
+
+def test_an_adapter_loaded_behind_the_controllers_back_is_unloaded(
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, controller: Controller
+) -> None:
+    cp = control_plane
+    apply(cp, vllm_deployment("llm", namespace, 2))
+    pods = wait_ready(cp, namespace, "llm", 2)
+    apply(cp, autoscaler("a", namespace, "llm"))
+    names = [p["metadata"]["name"] for p in pods]
+    wait_layout(cp, namespace, "a", proposal_layout(names, ADAPTERS), timeout=30)
+    ip = pods[0]["status"]["podIP"]
+    conn = http.client.HTTPConnection(ip, 8000, timeout=3)
+    conn.request("POST", "/v1/load_lora_adapter", body=json.dumps({"lora_name": "lora-2", "lora_path": "/x"}),
+                 headers={"Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    other = json.dumps({"lora_name": "not-ours", "lora_path": "/y"})
+    conn = http.client.HTTPConnection(ip, 8000, timeout=3)
+    conn.request("POST", "/v1/load_lora_adapter", body=other, headers={"Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    wait_until(lambda: sim_models(ip) == {"lora-1", "lora-3", "not-ours"}, timeout=15,
+               what="the stray lora-2 unloaded, the adapter the autoscaler does not manage kept")
+    assert loaded_layout(cp, namespace) == proposal_layout(names, ADAPTERS)

@@ -266,3 +266,11 @@ def test_preferred_tiers_are_sticky_and_strict_mode_prefers_all():
     grown = preferred_holders(assignment, {"lora-1": 2, "lora-2": 1}, {("lora-1", "p3")}, order, True)
     assert [p for p in ("p1", "p2", "p3") if grown[("lora-1", p)]] == ["p1", "p3"]
     assert all(preferred_holders(assignment, {"lora-1": 1}, set(), order, False).values())
+
+
+def test_orphans_are_only_managed_names_without_a_placement():
+    from controller.auditor import orphans
+
+    held = {"lora-1": "/a/1", "lora-2": "/a/2", "someone-elses": "/x"}
+    assert orphans(held, {"lora-1", "lora-2", "lora-3"}, {"lora-1"}) == {"lora-2"}
+    assert orphans(held, {"lora-1"}, {"lora-1"}) == set()
