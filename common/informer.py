@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common import metrics
 from common.kube import JSON, ApiConnectionError, ApiError, KubeClient, Resource, WatchStream, object_key
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Informer:
         self.relist_after_failures = relist_after_failures
         self.name = name or f"{resource.plural}{'/' + namespace if namespace else ''}"
         self._rng = rng or random.Random()
+        self._objects_gauge = metrics.INFORMER_OBJECTS.labels(self.name)
 
         self._lock = threading.RLock()
         self._items: dict[str, JSON] = {}
@@ -289,16 +291,17 @@ class Informer:
                 if self._stop.is_set():
                     break
                 self.last_error = exc
+                metrics.INFORMER_ERRORS.labels(self.name).inc()
                 if exc.gone:
                     log.info("informer %s: resourceVersion %s expired (410); relisting", self.name, self._rv)
-                    self.relist_reasons.append("gone")
+                    self._relisting("gone")
                     need_list = True
                     failures = 0
                     self._sleep(self._rng.uniform(0.0, 0.2))  # a little jitter so many informers do not stampede
                     continue
                 failures += 1
                 if failures >= self.relist_after_failures and not need_list:
-                    self.relist_reasons.append("failures")
+                    self._relisting("failures")
                     need_list = True
                 delay = exc.retry_after if exc.retry_after is not None else self.backoff.delay(failures - 1, self._rng)
                 level = logging.INFO if isinstance(exc, ApiConnectionError) else logging.WARNING
@@ -308,13 +311,18 @@ class Informer:
                 if self._stop.is_set():
                     break
                 self.last_error = exc
+                metrics.INFORMER_ERRORS.labels(self.name).inc()
                 failures += 1
                 need_list = True
-                self.relist_reasons.append("exception")
+                self._relisting("exception")
                 delay = self.backoff.delay(failures - 1, self._rng)
                 log.exception("informer %s: unexpected error; relisting in %.1fs", self.name, delay)
                 self._sleep(delay)
         log.debug("informer %s stopped", self.name)
+
+    def _relisting(self, reason: str) -> None:
+        self.relist_reasons.append(reason)
+        metrics.INFORMER_RELISTS.labels(self.name, reason).inc()
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(max(0.0, seconds))
@@ -328,6 +336,7 @@ class Informer:
             page_size=self.page_size,
         )
         self.list_count += 1
+        metrics.INFORMER_LISTS.labels(self.name).inc()
         if self._stop.is_set():
             return
         self._replace(items)
@@ -354,6 +363,7 @@ class Informer:
                 return True
             self._stream = stream
         self.watch_count += 1
+        metrics.INFORMER_WATCHES.labels(self.name).inc()
         events = 0
         try:
             for event in stream:
@@ -416,6 +426,7 @@ class Informer:
             with self._lock:
                 old_items = self._items
                 self._items = new
+                self._objects_gauge.set(len(new))
                 self._rebuild_indices()
             for key, obj in old_items.items():
                 if key not in new:
@@ -444,6 +455,7 @@ class Informer:
             if old is not None:
                 self._unindex(key, old)
             self._items[key] = obj
+            self._objects_gauge.set(len(self._items))
             for name, fn in self._indexers.items():
                 index = self._indices[name]
                 for value in self._index_values(fn, obj):
@@ -455,6 +467,7 @@ class Informer:
             old = self._items.pop(key, None)
             if old is not None:
                 self._unindex(key, old)
+                self._objects_gauge.set(len(self._items))
             return old
 
     def _unindex(self, key: str, obj: JSON) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from common import metrics
 from common.kube import LEASES, ApiError, KubeClient
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class LeaderElector:
             return False
         lead_stop = threading.Event()
         self._leading.set()
+        metrics.LEADER.labels(self.name).set(1)
         log.info("%s became leader of lease %s/%s", self.identity, self.namespace, self.name)
         worker: threading.Thread | None = None
         if self.on_started_leading is not None:
@@ -153,6 +155,7 @@ class LeaderElector:
             lost = self._renew_loop()
         finally:
             self._leading.clear()
+            metrics.LEADER.labels(self.name).set(0)
             lead_stop.set()
         if lost:
             log.warning("%s lost lease %s/%s: could not renew", self.identity, self.namespace, self.name)

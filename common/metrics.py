@@ -30,6 +30,15 @@ WORKQUEUE_QUEUE_DURATION = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60),
 )
 
+INFORMER_LISTS = Counter("lora_informer_lists_total", "Full lists made by an informer", ["name"])
+INFORMER_WATCHES = Counter("lora_informer_watches_total", "Watches opened by an informer", ["name"])
+INFORMER_RELISTS = Counter(
+    "lora_informer_relists_total", "Lists after the first, by why (gone, failures, exception)", ["name", "reason"]
+)
+INFORMER_ERRORS = Counter("lora_informer_errors_total", "List or watch failures", ["name"])
+INFORMER_OBJECTS = Gauge("lora_informer_objects", "Objects in an informer's store", ["name"])
+LEADER = Gauge("lora_leader_is_leader", "1 while this process holds the lease", ["lease"])
+
 
 class MetricsServer:
     """Serves `/metrics`, `/healthz` and `/readyz` on a daemon thread; checks are added by name."""

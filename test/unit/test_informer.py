@@ -395,6 +395,11 @@ def test_410_relists_and_synthesizes_deletes_and_adds(fake: tuple[FakeApi, KubeC
         assert rec.kinds("new") == ["add"]
         assert rec.kinds("keep") == ["add"], "an unchanged object gets no spurious update on relist"
         assert api.count("list") == 2
+        from prometheus_client import REGISTRY
+
+        relists = REGISTRY.get_sample_value("lora_informer_relists_total", {"name": inf.name, "reason": "gone"})
+        assert (relists or 0) >= 1
+        assert REGISTRY.get_sample_value("lora_informer_objects", {"name": inf.name}) == len(inf) == 3
         # And it goes back to watching from the new list's resourceVersion.
         wait_until(lambda: api.active_watches == 1, what="the new watch")
         api.put("after")
