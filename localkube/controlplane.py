@@ -33,14 +33,13 @@ import yaml
 from localkube import components
 from localkube.binaries import find_binaries
 from localkube.certs import CertificateAuthority, signing_key_pair
-from localkube.process import DEFAULT_GRACE_SECONDS, ManagedProcess
+from localkube.process import DEFAULT_GRACE_SECONDS, ENV_KEEP_WORK_DIR, ManagedProcess
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
 log = logging.getLogger(__name__)
 
-ENV_KEEP_WORK_DIR = "LOCALKUBE_KEEP_WORK_DIR"
 # kube-apiserver's graceful termination waits for open watches (up to a minute) before it exits; nothing
 # here needs that drain, and a long outage would push every client's relist back-off up.
 APISERVER_STOP_GRACE_SECONDS = 1.0

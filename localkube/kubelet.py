@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from localkube.podspec import PodSpecError, SimulatorCommand, decode_secret_data, simulator_command
-from localkube.process import ManagedProcess
+from localkube.process import ENV_KEEP_WORK_DIR, ManagedProcess
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -314,7 +315,8 @@ class TestKubelet:
             return runtime.ip, runtime.command.port
 
     def pod_log(self, namespace: str, name: str) -> Path:
-        """The simulator's log file for a pod (kept across restarts)."""
+        """The simulator's log file for a pod (kept across restarts; removed on stop unless
+        $LOCALKUBE_KEEP_WORK_DIR is set or a work dir was given)."""
         return self.work_dir / "pods" / f"{namespace}_{name}.log"
 
     def running_pods(self) -> list[PodKey]:
@@ -362,6 +364,8 @@ class TestKubelet:
         if self._delete_node:
             with contextlib.suppress(Exception):
                 self._core.delete_node(self.node_name, _request_timeout=_API_TIMEOUT)
+        if self._own_work_dir and not os.environ.get(ENV_KEEP_WORK_DIR):
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def restart_pod(self, namespace: str, name: str, timeout: float = 10.0) -> int:
         """Kill the pod's simulator as a crash would; the kubelet restarts it. Returns the new restartCount."""

@@ -30,6 +30,8 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_SECONDS = 5.0
+ENV_KEEP_WORK_DIR = "LOCALKUBE_KEEP_WORK_DIR"
+"""Set (to anything) to keep work dirs and logs after a run, for a post-mortem."""
 
 _REAPER_CODE = r"""
 import os, signal, sys, time
