@@ -20,6 +20,41 @@ def _i(value: Any) -> Any:
     return sys.intern(value) if isinstance(value, str) else value
 
 
+# Shared, read-only pieces: informer objects are never modified, so pods with the same readiness or the
+# same owner hold the very same list instead of a copy each.
+_READY = {s: [{"type": "Ready", "status": s}] for s in ("True", "False", "Unknown")}
+_OWNERS: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+_OWNERS_MAX = 4096
+
+
+def _owners(owners: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    key = tuple((o.get("apiVersion"), o.get("kind"), o.get("name"), o.get("uid"), bool(o.get("controller")))
+                for o in owners)
+    shared = _OWNERS.get(key)
+    if shared is None:
+        shared = [{"apiVersion": _i(o.get("apiVersion")), "kind": _i(o.get("kind")), "name": _i(o.get("name")),
+                   "uid": o.get("uid"), **({"controller": True} if o.get("controller") else {})} for o in owners]
+        if len(_OWNERS) >= _OWNERS_MAX:
+            _OWNERS.clear()
+        _OWNERS[key] = shared
+    return shared
+
+
+_LABELS: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+
+
+def _labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Pods of one ReplicaSet carry the same labels: one shared dict for all of them."""
+    key = frozenset(labels.items())
+    shared = _LABELS.get(key)
+    if shared is None:
+        shared = {_i(k): _i(v) for k, v in labels.items()}
+        if len(_LABELS) >= _OWNERS_MAX:
+            _LABELS.clear()
+        _LABELS[key] = shared
+    return shared
+
+
 def slim_pod(pod: Obj) -> dict[str, Any]:
     """The informer's transform: keep identity, labels, owners, timestamps, IP, phase, readiness, restarts."""
     meta = pod.get("metadata") or {}
@@ -33,14 +68,10 @@ def slim_pod(pod: Obj) -> dict[str, Any]:
     }
     labels = meta.get("labels")
     if labels:
-        slim_meta["labels"] = {_i(k): _i(v) for k, v in labels.items()}
+        slim_meta["labels"] = _labels(labels)
     owners = meta.get("ownerReferences")
     if owners:
-        slim_meta["ownerReferences"] = [
-            {"apiVersion": _i(o.get("apiVersion")), "kind": _i(o.get("kind")), "name": _i(o.get("name")),
-             "uid": o.get("uid"), **({"controller": True} if o.get("controller") else {})}
-            for o in owners
-        ]
+        slim_meta["ownerReferences"] = _owners(owners)
     if meta.get("deletionTimestamp"):
         slim_meta["deletionTimestamp"] = meta["deletionTimestamp"]
     ready = "False"
@@ -50,7 +81,7 @@ def slim_pod(pod: Obj) -> dict[str, Any]:
     restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
     slim_status: dict[str, Any] = {
         "phase": _i(status.get("phase")),
-        "conditions": [{"type": "Ready", "status": _i(ready)}],
+        "conditions": _READY.get(ready) or [{"type": "Ready", "status": _i(ready)}],
         "restartCount": restarts,
     }
     if status.get("podIP"):
