@@ -15,9 +15,12 @@ RUN pip install --no-cache-dir --prefix=/install .
 FROM python:3.11.11-slim-bookworm
 LABEL org.opencontainers.image.title="lora-autoscaler" \
       org.opencontainers.image.description="Places, loads, routes and autoscales LoRA adapters on vLLM replicas"
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONFAULTHANDLER=1
 COPY --from=build /install /usr/local
 RUN groupadd --system --gid 65532 lora && useradd --system --uid 65532 --gid lora --no-create-home lora
 USER 65532:65532
-EXPOSE 8443 8080 9090
+# The manifests (config/) run each component as uid 65532 with a read-only root file system and pick the
+# entry point with `command:` (lora-controller, lora-webhook, lora-router, vllm-sim). Ports: router 8000,
+# metrics 8080 (controller, webhook) and 9090 (router), webhook TLS 9443.
+EXPOSE 8000 8080 9090 9443
 ENTRYPOINT ["lora-controller"]

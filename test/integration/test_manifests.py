@@ -377,3 +377,14 @@ def test_dry_run_still_notices_a_broken_object(control_plane: ControlPlane, inst
     result = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(broken), check=False)
     assert result.returncode != 0 and "containerPort" in result.stderr
 
+
+
+def test_the_image_holds_every_package_and_user_the_manifests_assume() -> None:
+    """The Dockerfile copies every package pyproject.toml installs (a missing one breaks an entry point
+    only inside the image) and runs as the uid the manifests require."""
+    text = (ROOT / "Dockerfile").read_text()
+    includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in includes if (ROOT / p.rstrip("*")).is_dir()}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", text, flags=re.M))
+    assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
+    assert re.findall(r"^USER (\S+)$", text, flags=re.M)[-1].split(":")[0] == "65532"
