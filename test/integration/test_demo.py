@@ -1,0 +1,112 @@
+"""`make demo`, shortened: the whole system starts, takes the load, shows it, reports it and cleans up.
+
+Runs `python -m hack.demo` (what `hack/demo.sh` runs after set-up) as a user would, against the real
+control plane binaries, and checks what it leaves: exit status, plots, the JSON summary, logs, and no
+process still running. A second run is interrupted with SIGINT (Ctrl-C) during the load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localkube.binaries import ENV_BIN_DIR, find_binaries
+from localkube.process import pid_alive
+
+ROOT = Path(__file__).resolve().parents[2]
+ADAPTERS = [f"lora-{i}" for i in range(1, 7)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.integration
+
+
+def demo_env() -> dict[str, str]:
+    return {**os.environ, ENV_BIN_DIR: str(find_binaries()), "PYTHONUNBUFFERED": "1"}
+
+
+def start_demo(out: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "hack.demo", "--out", str(out), *args], cwd=ROOT, env=demo_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"the demo did not end within {timeout:.0f}s; it printed:\n{output[-5000:]}") from None
+    return output
+
+
+def assert_all_stopped(summary: dict[str, Any]) -> None:
+    pids = summary["processes"]["pids"]
+    # control plane (3), simulators (4), webhook, controller, router; the reaper too
+    assert len(pids) >= 10, pids
+    assert summary["processes"]["left_running"] == []
+    assert [p for p in pids if pid_alive(p)] == []
+
+
+def test_a_short_demo_runs_to_the_end_and_leaves_plots_summary_and_nothing_running(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = start_demo(out, "--duration", "40")
+    output = finish(proc, timeout=300)
+    assert proc.returncode == 0, output[-5000:]
+
+    for name in ("replicas.png", "latency.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 20_000, f"{name}: {len(data)} bytes"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is False
+    requests = summary["requests"]
+    assert requests["sent"] >= 150, requests
+    assert requests["failed"] <= requests["sent"] * 0.02, requests
+    assert [p["name"] for p in summary["phases"]] == ["lora-1 hot", "lora-4 hot", "quiet"]
+    for phase in summary["phases"]:
+        assert phase["ok"] > 0 and 500 <= phase["p50_ms"] <= phase["p99_ms"] < 10_000, phase
+    # the hot adapter of each phase got most of that phase's requests
+    for phase, hot in zip(summary["phases"][:2], ("lora-1", "lora-4"), strict=True):
+        assert phase["by_adapter"][hot]["sent"] > phase["sent"] / 2, phase
+    # every adapter was loaded by the controller on some pod, and is routable at the end
+    assert set(summary["lora_calls"]["loads"]) == set(ADAPTERS), summary["lora_calls"]
+    assert all(summary["final"][a]["routable_pods"] for a in ADAPTERS), summary["final"]
+    assert set(summary["scale_events"]) == set(ADAPTERS)
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in summary["conditions"])
+    assert_all_stopped(summary)
+
+    # the live view showed the placements, and the printed summary says where the files are
+    live = (out / "live.txt").read_text()
+    assert live.count("--- t=") >= 30 and "lora-4" in live and "Saturated=" in live
+    assert "requests:" in output and str(out / "replicas.png") in output and str(out / "summary.json") in output
+    for component in ("webhook", "controller", "router"):
+        assert (out / "logs" / f"{component}.log").stat().st_size > 0
+
+
+def test_ctrl_c_during_the_load_stops_everything_and_still_reports(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = start_demo(out, "--duration", "60")
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:  # the demo prints "load: ..." when the requests start
+        seen.append(line)
+        if "] load: " in line or time.monotonic() > deadline:
+            break
+    assert any("] load: " in line for line in seen), "".join(seen)[-3000:]
+    time.sleep(5)
+    proc.send_signal(signal.SIGINT)
+    output = "".join(seen) + finish(proc, timeout=90)
+    assert proc.returncode == 130, output[-5000:]
+    assert "interrupted" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert summary["requests"]["sent"] > 0
+    assert_all_stopped(summary)
