@@ -6,17 +6,23 @@ ReplicaSet controllers would stay Pending for ever. `TestKubelet`:
 - registers a Node (Ready, with capacity);
 - watches pods (all, or one namespace, optionally a label selector) that are unbound or bound to it, and
   binds the unbound ones to its node (`pods/binding`, as the scheduler does);
-- for each bound pod starts `python -m vllmsim <the pod's vLLM flags> --host 127.0.0.x --port P`, on
-  its own loopback address (x from 2 upward, reused once the pod is gone; another local network can be
-  chosen, see `AddressAllocator`), with the container's env;
-- reports the pod `Running` with `podIP`/`hostIP`, container statuses, and `Ready` once the simulator
-  answers `GET /health` (probed every second afterwards, like a readiness probe);
+- for each bound pod starts `python -m vllmsim <the pod's vLLM flags> --host <pod IP> --port P` with the
+  container's env, inside the kubelet's pod network (`localkube.podnet`): a network namespace of its own,
+  joined to the host by a veth pair, where each pod gets its own address (10.244.N.2 upward, reused once
+  the pod is gone) that the host reaches directly and the API server accepts in EndpointSlices;
+- reports the pod `Running` with `podIP` (that address), `hostIP` (the host's side of the pod network),
+  container statuses, and `Ready` once the simulator answers `GET /health` (probed every second
+  afterwards, like a readiness probe);
 - restarts a simulator that exits (restartCount + 1, `lastState.terminated`, not Ready until healthy,
   with a crash-loop back-off), and `restart_pod()` kills one on demand;
 - on deletion (deletionTimestamp set) stops the simulator and confirms the deletion with grace period 0
   as a kubelet does;
 - lists and then watches from the list's resourceVersion, relisting after any error, so it survives an
   API server restart; failed API writes are retried.
+
+Where a pod network cannot be made (not root, no iproute2), pods get loopback addresses (127.0.0.2
+upward, see `AddressAllocator`) with a warning: they run and answer, but the API server refuses them in
+EndpointSlices, so they cannot be in a route table. Under CI (`$CI` set) that is an error instead.
 
 Two threads: one turns the watch into events on a queue; one owns all pod state and processes, handling
 events and a 0.1 s tick. Other threads talk to it through the same queue.
@@ -36,7 +42,6 @@ import queue
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,6 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from localkube.podnet import PodNetwork, PodNetworkError
 from localkube.podspec import PodSpecError, SimulatorCommand, decode_secret_data, simulator_command
 from localkube.process import ENV_KEEP_WORK_DIR, ManagedProcess
 
@@ -56,6 +62,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOST_IP = "127.0.0.1"
+"""The host address of a kubelet on the loopback fallback."""
+ENV_CI = "CI"
+"""Set under CI, where a kubelet without a pod network is an error rather than a warning."""
 NODE_LABEL = "localkube.lora-autoscaler.io/test-kubelet"
 DEFAULT_CAPACITY: Mapping[str, str] = {
     "cpu": "64",
@@ -94,9 +103,8 @@ class AddressAllocator:
     process dies; and an address is skipped when something else already listens on the wanted port
     there. So two pods never share an (address, port). Addresses ending in .0 or .255 are never used.
 
-    127.0.0.0/8 needs no set-up but the API server refuses loopback addresses in Endpoints and
-    EndpointSlices; a network added to the loopback interface (`add_loopback_network`) is just as
-    local and is accepted there.
+    The fallback of a kubelet that cannot make a pod network: 127.0.0.0/8 needs no set-up, but the API
+    server refuses loopback addresses in Endpoints and EndpointSlices.
     """
 
     def __init__(self, network: str = "127.0.0.0/8", lock_dir: Path | None = None) -> None:
@@ -176,42 +184,8 @@ def shared_allocator(network: str) -> AddressAllocator:
         return _allocators[key]
 
 
-def add_loopback_network(network: str) -> bool:
-    """Make every address of `network` local by adding it to the loopback interface (Linux, CAP_NET_ADMIN).
-
-    Returns True if it was added now (remove it with `remove_loopback_network`), False if it already was
-    local. Raises RuntimeError saying what to do when it cannot be added.
-    """
-    net = ipaddress.ip_network(network)
-    first = str(net.network_address + 1)
-    if AddressAllocator._bindable(first, 0):
-        return False
-    result = subprocess.run(
-        ["ip", "addr", "add", f"{first}/{net.prefixlen}", "dev", "lo"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0 and "File exists" not in result.stderr:
-        raise RuntimeError(
-            f"cannot add {first}/{net.prefixlen} to the loopback interface ({result.stderr.strip()}); run "
-            f"`sudo ip addr add {first}/{net.prefixlen} dev lo` once, or use the default 127.0.0.0/8 pod network"
-        )
-    return result.returncode == 0
-
-
-def remove_loopback_network(network: str) -> None:
-    """Undo `add_loopback_network`."""
-    net = ipaddress.ip_network(network)
-    subprocess.run(
-        ["ip", "addr", "del", f"{net.network_address + 1}/{net.prefixlen}", "dev", "lo"],
-        capture_output=True,
-        check=False,
-    )
-
-
 ADDRESSES = shared_allocator("127.0.0.0/8")
-"""The default pod network: 127.0.0.2 upward."""
+"""The loopback fallback: 127.0.0.2 upward."""
 
 
 @dataclass
@@ -246,7 +220,14 @@ class _PodRuntime:
 
 
 class TestKubelet:
-    """Binds pods to a node of its own and runs a vLLM simulator for each; see the module docstring."""
+    """Binds pods to a node of its own and runs a vLLM simulator for each; see the module docstring.
+
+    Each kubelet makes its own pod network on start and tears it down on stop, after its simulators are
+    stopped, as a node has its own pod CIDR: two kubelets (tests running side by side, or two nodes in one
+    test) never hand out the same address, and a stopped kubelet leaves no namespace behind. Setting one up
+    costs about 0.1 s. `pod_network` may instead be a `PodNetwork` the caller has set up and will tear
+    down (shared by several kubelets), or False for the loopback fallback from `addresses`.
+    """
 
     __test__ = False  # not a pytest test class
 
@@ -262,6 +243,7 @@ class TestKubelet:
         capacity: Mapping[str, str] = DEFAULT_CAPACITY,
         delete_node_on_stop: bool = True,
         addresses: AddressAllocator | None = None,
+        pod_network: PodNetwork | bool = True,
     ) -> None:
         from kubernetes import client
 
@@ -276,6 +258,12 @@ class TestKubelet:
         self._capacity = dict(capacity)
         self._delete_node = delete_node_on_stop
         self.addresses = addresses or ADDRESSES
+        self._network_choice = pod_network
+        self.network: PodNetwork | None = None
+        """The pod network in use while started; None on the loopback fallback."""
+        self._own_network = False
+        self.host_ip = HOST_IP
+        """The host's address as pods see it: the host side of the pod network, or 127.0.0.1."""
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -325,11 +313,17 @@ class TestKubelet:
             return [k for k, r in self._runtimes.items() if r.proc is not None and r.proc.alive()]
 
     def start(self, timeout: float = 30.0) -> TestKubelet:
-        """Register the node, start the threads, and return once the first pod list was processed."""
+        """Make the pod network, register the node, start the threads, and return once the first pod list
+        was processed. Raises RuntimeError under CI when no pod network can be made."""
         if self._threads:
             raise RuntimeError("the kubelet is already started")
         deadline = time.monotonic() + timeout
-        self._register_node(deadline)
+        self._setup_network()
+        try:
+            self._register_node(deadline)
+        except BaseException:
+            self._teardown_network()
+            raise
         self._stopping.clear()
         for target, name in ((self._watch_loop, "watch"), (self._work_loop, "work")):
             thread = threading.Thread(target=target, name=f"kubelet-{self.node_name}-{name}", daemon=True)
@@ -361,11 +355,48 @@ class TestKubelet:
                 runtime.proc.signal_group(signal.SIGTERM)
         for runtime in runtimes:
             self._stop_runtime(runtime)
+        self._teardown_network()  # after the simulators: nothing runs inside it any more
         if self._delete_node:
             with contextlib.suppress(Exception):
                 self._core.delete_node(self.node_name, _request_timeout=_API_TIMEOUT)
         if self._own_work_dir and not os.environ.get(ENV_KEEP_WORK_DIR):
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _setup_network(self) -> None:
+        """Choose where pod addresses come from: our own pod network, the caller's, or loopback."""
+        choice = self._network_choice
+        self.network, self._own_network, self.host_ip = None, False, HOST_IP
+        if choice is False:
+            return
+        if isinstance(choice, PodNetwork):
+            if not choice.is_up:
+                raise RuntimeError(f"kubelet {self.node_name}: the pod network given is not set up")
+            self.network = choice
+        else:
+            network = PodNetwork()
+            try:
+                network.setup()
+            except PodNetworkError as exc:
+                if os.environ.get(ENV_CI):
+                    raise RuntimeError(f"kubelet {self.node_name}: no pod network under CI: {exc}") from exc
+                log.warning(
+                    "kubelet %s: %s; falling back to loopback pod addresses (127.0.0.x), which the API server "
+                    "refuses in EndpointSlices, so these pods cannot be in a route table",
+                    self.node_name,
+                    exc,
+                )
+                return
+            self.network, self._own_network = network, True
+        self.host_ip = self.network.host_address
+        log.info(
+            "kubelet %s: pod network %s in namespace %s", self.node_name, self.network.subnet, self.network.namespace
+        )
+
+    def _teardown_network(self) -> None:
+        network, own = self.network, self._own_network
+        self._own_network = False
+        if network is not None and own:
+            network.teardown()
 
     def restart_pod(self, namespace: str, name: str, timeout: float = 10.0) -> int:
         """Kill the pod's simulator as a crash would; the kubelet restarts it. Returns the new restartCount."""
@@ -425,7 +456,10 @@ class TestKubelet:
             "capacity": self._capacity,
             "allocatable": self._capacity,
             "conditions": conditions,
-            "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": self.node_name}],
+            "addresses": [
+                {"type": "InternalIP", "address": self.host_ip},
+                {"type": "Hostname", "address": self.node_name},
+            ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
             "nodeInfo": {
                 "machineID": "localkube",
@@ -683,17 +717,19 @@ class TestKubelet:
         try:
             if runtime.command is None:
                 lookups = {"secrets": self._lookup("secret"), "config_maps": self._lookup("configmap")}
-                probe = simulator_command(runtime.pod, pod_ip="", host_ip=HOST_IP, **lookups)
-                ip = runtime.ip or self.addresses.acquire(probe.port)
-                runtime.ip = ip
-                runtime.command = simulator_command(runtime.pod, pod_ip=ip, host_ip=HOST_IP, **lookups)
+                probe = simulator_command(runtime.pod, pod_ip="", host_ip=self.host_ip, **lookups)
+                if runtime.ip is None:
+                    network = self.network
+                    runtime.ip = network.acquire() if network is not None else self.addresses.acquire(probe.port)
+                runtime.command = simulator_command(runtime.pod, pod_ip=runtime.ip, host_ip=self.host_ip, **lookups)
             assert runtime.ip is not None
             env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
             env["PYTHONUNBUFFERED"] = "1"
             env.update(runtime.command.env)
+            argv = runtime.command.argv(self._python, runtime.ip)
             proc = runtime.proc or ManagedProcess(
                 f"vllmsim {runtime.namespace}/{runtime.name}",
-                runtime.command.argv(self._python, runtime.ip),
+                self.network.wrap(argv) if self.network is not None else argv,
                 self.pod_log(runtime.namespace, runtime.name),
                 env=env,
             )
@@ -725,7 +761,10 @@ class TestKubelet:
         if runtime.proc is not None:
             runtime.proc.stop(_STOP_GRACE_SECONDS)
         if runtime.ip is not None:
-            self.addresses.release(runtime.ip)
+            if self.network is not None:
+                self.network.release(runtime.ip)
+            else:
+                self.addresses.release(runtime.ip)
             runtime.ip = None
 
     def _forget(self, runtime: _PodRuntime) -> None:
@@ -875,8 +914,8 @@ class TestKubelet:
             )
         status: Obj = {
             "phase": "Running" if running or runtime.restart_count > 0 else "Pending",
-            "hostIP": HOST_IP,
-            "hostIPs": [{"ip": HOST_IP}],
+            "hostIP": self.host_ip,
+            "hostIPs": [{"ip": self.host_ip}],
             "startTime": runtime.start_time,
             "conditions": [
                 condition("PodReadyToStartContainers", True, runtime.start_time),

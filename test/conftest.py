@@ -2,8 +2,10 @@
 
 Integration tests (marked `@pytest.mark.integration`) run against a real etcd, kube-apiserver and
 kube-controller-manager. The binaries are built by `hack/build-control-plane.sh` when they are not in
-the cache yet (never skipped: a clean clone builds them). After the session, no process the harness
-started may be alive; the session fails if one is.
+the cache yet (never skipped: a clean clone builds them). Pods of the test kubelet live on a pod network
+of their own (`localkube.podnet`), so tests talk only to loopback and to pod addresses inside network
+namespaces the session made. After the session, no process the harness started may be alive and no
+network namespace the session made may be left; the session fails if one is.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from pathlib import Path
 import pytest
 from kubernetes.client import ApiClient
 
-from localkube import process
+from localkube import podnet, process
 from localkube.binaries import BinariesError, find_binaries
 from localkube.controlplane import ControlPlane
-from localkube.kubelet import ADDRESSES, AddressAllocator, TestKubelet
+from localkube.kubelet import TestKubelet
 
 _startup_times: list[float] = []
 
@@ -96,20 +98,14 @@ def namespace(control_plane: ControlPlane, api_client: ApiClient, request: pytes
 
 
 @pytest.fixture
-def kubelet_addresses() -> AddressAllocator:
-    """Where the `kubelet` fixture takes pod IPs: 127.0.0.2 upward.
+def kubelet(control_plane: ControlPlane, namespace: str) -> Iterator[TestKubelet]:
+    """A test kubelet on a node of its own that runs a vLLM simulator for each pod of `namespace`.
 
-    A module that needs pod IPs the API server accepts in EndpointSlices overrides this fixture with
-    `shared_allocator("10.x.y.0/24")` after `add_loopback_network("10.x.y.0/24")`.
+    Its pods get addresses on the kubelet's own pod network (10.244.N.x), which the API server accepts in
+    EndpointSlices; `kubelet.pod_address(namespace, name)` says where a pod's simulator listens.
     """
-    return ADDRESSES
-
-
-@pytest.fixture
-def kubelet(control_plane: ControlPlane, namespace: str, kubelet_addresses: AddressAllocator) -> Iterator[TestKubelet]:
-    """A test kubelet on a node of its own that runs a vLLM simulator for each pod of `namespace`."""
     client = control_plane.api_client()
-    k = TestKubelet(client, node_name=f"node-{namespace}", namespace=namespace, addresses=kubelet_addresses)
+    k = TestKubelet(client, node_name=f"node-{namespace}", namespace=namespace)
     k.start()
     try:
         yield k
@@ -119,19 +115,28 @@ def kubelet(control_plane: ControlPlane, namespace: str, kubelet_addresses: Addr
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the session if a process started by the harness outlived it (and kill it)."""
+    """Fail the session if a process started by the harness, or a pod network it made, outlived it
+    (and remove what is left)."""
+    problems = []
     left = [pid for pid in process.started_pids() if process.pid_alive(pid)]
-    if not left:
-        return
     for pid in left:
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    if left:
+        problems.append(f"processes started by the test harness were still alive after the session: {left}")
+    networks = podnet.namespaces(os.getpid())
+    for name in networks:
+        podnet.delete(name)
+    if networks:
+        problems.append(f"network namespaces made by the session were left after it: {networks}")
+    if not problems:
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    message = f"processes started by the test harness were still alive after the session: {left}"
-    if reporter is not None:
-        reporter.write_line(f"ERROR: {message}", red=True)
+    for message in problems:
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

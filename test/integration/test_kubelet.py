@@ -2,13 +2,17 @@
 
 The acceptance: a Deployment of 3 vLLM-style pods becomes 3 Ready pods whose simulators answer on their
 pod IPs within 10 s; scaling to 5 gives 5; a deleted pod is replaced by the ReplicaSet controller and the
-new simulator answers; a restart bumps restartCount and forgets runtime-loaded adapters.
+new simulator answers; a restart bumps restartCount and forgets runtime-loaded adapters. Pod IPs are
+addresses of the kubelet's pod network, which the API server accepts in EndpointSlices; without one the
+kubelet falls back to loopback addresses, loudly, and under CI refuses to start.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,14 +22,9 @@ from typing import Any
 
 import pytest
 
+from localkube import podnet
 from localkube.controlplane import ControlPlane
-from localkube.kubelet import (
-    AddressAllocator,
-    TestKubelet,
-    add_loopback_network,
-    remove_loopback_network,
-    shared_allocator,
-)
+from localkube.kubelet import HOST_IP, AddressAllocator, TestKubelet
 from localkube.podspec import (
     SIM_ARGS_ANNOTATION,
     PodSpecError,
@@ -38,6 +37,11 @@ from localkube.process import pid_alive
 from localkube.wait import wait_until
 
 BASE_MODEL = "tiny-base"
+
+# The pod network needs root and iproute2; CI has both, so there its absence fails the tests instead.
+needs_pod_network = pytest.mark.skipif(
+    podnet.available() is not None and not os.environ.get("CI"), reason=str(podnet.available())
+)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -159,11 +163,18 @@ def test_deployment_pods_become_ready_and_answer_then_scale(
     apply(control_plane, vllm_deployment("llm", namespace, 3))
     ready = wait_ready(control_plane, namespace, "app=llm", 3, timeout=10)
     ips = sorted(p["status"]["podIP"] for p in ready)
-    assert len(set(ips)) == 3 and all(ip.startswith("127.0.0.") and ip != "127.0.0.1" for ip in ips)
+    assert len(set(ips)) == 3
+    if kubelet.network is not None:
+        subnet = kubelet.network.subnet
+        assert subnet is not None and all(ipaddress.ip_address(ip) in subnet for ip in ips)
+        assert kubelet.host_ip == kubelet.network.host_address and kubelet.host_ip not in ips
+    else:  # the loopback fallback, outside CI only
+        assert all(ip.startswith("127.0.0.") and ip != "127.0.0.1" for ip in ips)
     for pod in ready:
         ip = pod["status"]["podIP"]
         assert pod["status"]["phase"] == "Running"
-        assert pod["status"]["hostIP"] == "127.0.0.1"
+        assert pod["status"]["hostIP"] == kubelet.host_ip
+        assert pod["status"]["hostIPs"] == [{"ip": kubelet.host_ip}]
         assert pod["status"]["podIPs"] == [{"ip": ip}]
         assert pod["spec"]["nodeName"] == kubelet.node_name
         assert kubelet.pod_address(namespace, pod["metadata"]["name"]) == (ip, 8000)
@@ -341,44 +352,134 @@ def test_selector_limits_the_kubelet_and_stop_leaves_nothing(control_plane: Cont
     assert kubelet.node_name not in nodes
 
 
-@pytest.mark.integration
-def test_pod_network_on_loopback_gives_endpointslice_valid_ips(control_plane: ControlPlane, namespace: str) -> None:
-    # The API server refuses 127.0.0.0/8 in EndpointSlices; a network added to lo is local and accepted.
-    network = "10.253.7.0/24"
-    added = add_loopback_network(network)
-    client = control_plane.api_client()
-    kubelet = TestKubelet(
-        client, node_name=f"net-{namespace}", namespace=namespace, addresses=shared_allocator(network)
+def slice_of(namespace: str, addresses: list[str], name: str) -> str:
+    """An EndpointSlice listing `addresses`, as JSON for kubectl."""
+    return json.dumps(
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": namespace},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [a]} for a in addresses],
+            "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+        }
     )
+
+
+@pytest.mark.integration
+@needs_pod_network
+def test_pod_ips_are_endpointslice_valid_and_the_network_goes_with_the_kubelet(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    client = control_plane.api_client()
+    kubelet = TestKubelet(client, node_name=f"net-{namespace}", namespace=namespace)
     try:
         kubelet.start()
+        network = kubelet.network
+        assert network is not None and network.subnet is not None, "the kubelet made no pod network"
+        assert network.namespace in podnet.namespaces(os.getpid())
         apply(control_plane, vllm_deployment("llm", namespace, 2))
         ready = wait_ready(control_plane, namespace, "app=llm", 2, timeout=10)
         ips = sorted(p["status"]["podIP"] for p in ready)
-        assert ips == ["10.253.7.2", "10.253.7.3"]
+        first = network.subnet.network_address
+        assert ips == [str(first + 2), str(first + 3)], "lowest free first, .1 is the host's"
+        node = json.loads(control_plane.kubectl("get", "node", kubelet.node_name, "-o", "json").stdout)
+        assert {"type": "InternalIP", "address": network.host_address} in node["status"]["addresses"]
         for ip in ips:
             assert model_ids(ip, 8000) == [BASE_MODEL]
+        # the simulators run inside the pod network's namespace, not the host's
+        host_netns = os.readlink("/proc/self/ns/net")
+        for pod in ready:
+            pid = int(container_status(pod)["containerID"].split("://", 1)[1])
+            assert os.readlink(f"/proc/{pid}/ns/net") != host_netns
 
-        def slice_of(addresses: list[str], name: str) -> str:
-            return json.dumps(
-                {
-                    "apiVersion": "discovery.k8s.io/v1",
-                    "kind": "EndpointSlice",
-                    "metadata": {"name": name, "namespace": namespace},
-                    "addressType": "IPv4",
-                    "endpoints": [{"addresses": [a]} for a in addresses],
-                    "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
-                }
-            )
-
-        control_plane.kubectl("create", "-f", "-", input=slice_of(ips, "ok"))
-        refused = control_plane.kubectl("create", "-f", "-", input=slice_of(["127.0.0.2"], "loop"), check=False)
+        control_plane.kubectl("create", "-f", "-", input=slice_of(namespace, ips, "ok"))
+        refused = control_plane.kubectl(
+            "create", "-f", "-", input=slice_of(namespace, ["127.0.0.2"], "loop"), check=False
+        )
         assert refused.returncode != 0 and "loopback" in refused.stderr
+        pids = list(kubelet.pids)
     finally:
         kubelet.stop()
         client.close()
-        if added:
-            remove_loopback_network(network)
+    assert pids and not [pid for pid in pids if pid_alive(pid)]
+    assert network.namespace not in podnet.namespaces()
+    host_addresses = subprocess.run(["ip", "-4", "-o", "addr", "show"], check=True, capture_output=True, text=True)
+    assert f"inet {network.host_address}/" not in host_addresses.stdout, "the host side of the veth pair is gone"
+
+
+@pytest.mark.integration
+def test_without_a_pod_network_pods_fall_back_to_loopback_with_a_warning(
+    control_plane: ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a machine without root or iproute2 sees: the pod network cannot be set up.
+    monkeypatch.setattr(podnet, "available", lambda: "creating a network namespace needs root (CAP_NET_ADMIN)")
+    monkeypatch.delenv("CI", raising=False)
+    client = control_plane.api_client()
+    kubelet = TestKubelet(client, node_name=f"lo-{namespace}", namespace=namespace)
+    try:
+        with caplog.at_level(logging.WARNING, logger="localkube.kubelet"):
+            kubelet.start()
+        assert kubelet.network is None and kubelet.host_ip == HOST_IP
+        warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        assert "needs root" in warning and "cannot be in a route table" in warning
+        apply(control_plane, vllm_deployment("llm", namespace, 1))
+        (pod,) = wait_ready(control_plane, namespace, "app=llm", 1, timeout=10)
+        ip = pod["status"]["podIP"]
+        assert ip.startswith("127.0.0.") and pod["status"]["hostIP"] == HOST_IP
+        assert model_ids(ip, 8000) == [BASE_MODEL]
+    finally:
+        kubelet.stop()
+        client.close()
+
+
+@pytest.mark.integration
+def test_under_ci_a_missing_pod_network_is_an_error(
+    control_plane: ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(podnet, "available", lambda: "iproute2's `ip` is not installed (apt-get install iproute2)")
+    monkeypatch.setenv("CI", "true")
+    client = control_plane.api_client()
+    kubelet = TestKubelet(client, node_name=f"ci-{namespace}", namespace=namespace)
+    try:
+        with pytest.raises(RuntimeError, match=r"no pod network under CI: .*iproute2"):
+            kubelet.start()
+        nodes = control_plane.kubectl("get", "nodes", "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+        assert kubelet.node_name not in nodes, "nothing was registered"
+    finally:
+        kubelet.stop()
+        client.close()
+
+
+@pytest.mark.integration
+@needs_pod_network
+def test_kubelets_sharing_a_pod_network_never_share_an_address(control_plane: ControlPlane, namespace: str) -> None:
+    client = control_plane.api_client()
+    with podnet.PodNetwork() as network:
+        kubelets = [
+            TestKubelet(
+                client, node_name=f"{side}-{namespace}", namespace=namespace, label_selector=f"app={side}",
+                pod_network=network,
+            )
+            for side in ("left", "right")
+        ]  # fmt: skip
+        try:
+            for kubelet in kubelets:
+                kubelet.start()
+            apply(control_plane, vllm_deployment("left", namespace, 2))
+            apply(control_plane, vllm_deployment("right", namespace, 2))
+            ready = wait_ready(control_plane, namespace, "app=left", 2, timeout=10)
+            ready += wait_ready(control_plane, namespace, "app=right", 2, timeout=10)
+            ips = {p["status"]["podIP"] for p in ready}
+            assert len(ips) == 4 and {p["status"]["hostIP"] for p in ready} == {network.host_address}
+            for ip in ips:
+                assert model_ids(ip, 8000) == [BASE_MODEL]
+        finally:
+            for kubelet in kubelets:
+                kubelet.stop()
+            client.close()
+        assert network.is_up, "a kubelet leaves a pod network it was given to its owner"
+    assert network.namespace not in podnet.namespaces()
 
 
 # --- pure translation (no cluster needed) ---------------------------------------------------------

@@ -13,8 +13,9 @@ import pytest
 from localkube import podnet
 
 # CI runs as root, where the pod network must work: there a missing capability is a failure, not a skip.
-pytestmark = pytest.mark.skipif(podnet.available() is not None and not os.environ.get("CI"),
-                                reason=str(podnet.available()))
+pytestmark = pytest.mark.skipif(
+    podnet.available() is not None and not os.environ.get("CI"), reason=str(podnet.available())
+)
 
 
 def test_pod_address_is_reachable_from_the_host_and_removed_after():
@@ -24,8 +25,11 @@ def test_pod_address_is_reachable_from_the_host_and_removed_after():
         ip = net.acquire()
         assert not ip.startswith("127.")
         assert net.acquire() != ip
-        proc = subprocess.Popen(net.wrap([sys.executable, "-m", "http.server", "18123", "--bind", ip]),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            net.wrap([sys.executable, "-m", "http.server", "18123", "--bind", ip]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 15
         status = None
         while time.monotonic() < deadline and status is None:
@@ -42,3 +46,47 @@ def test_pod_address_is_reachable_from_the_host_and_removed_after():
         net.teardown()
     listing = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
     assert net.namespace not in listing
+
+
+def _listing() -> str:
+    return subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+
+
+def test_two_networks_get_their_own_subnets_and_addresses_are_reused_lowest_first():
+    with podnet.PodNetwork() as first, podnet.PodNetwork() as second:
+        assert first.subnet is not None and second.subnet is not None
+        assert not first.subnet.overlaps(second.subnet)
+        assert set(podnet.namespaces(os.getpid())) >= {first.namespace, second.namespace}
+        a, b = first.acquire(), first.acquire()
+        assert a == str(first.subnet.network_address + 2) and b == str(first.subnet.network_address + 3)
+        first.release(a)
+        assert first.acquire() == a
+        # No way out of the namespace: only the pod subnet is routed there, nothing by default.
+        routes = subprocess.run(
+            ["ip", "-n", first.namespace, "-4", "route", "show"], check=True, capture_output=True, text=True
+        ).stdout
+        assert "default" not in routes and str(first.subnet) in routes
+    assert first.namespace not in _listing() and second.namespace not in _listing()
+    first.teardown()  # idempotent
+    with pytest.raises(podnet.PodNetworkError, match="not set up"):
+        first.acquire()
+
+
+def test_a_subnet_is_claimed_across_processes():
+    with podnet.PodNetwork() as mine:
+        assert mine.subnet is not None
+        code = "from localkube import podnet\nwith podnet.PodNetwork() as n:\n    print(n.subnet, flush=True)\n"
+        other = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+        assert other.stdout.strip() and other.stdout.strip() != str(mine.subnet)
+
+
+def test_a_network_left_by_a_dead_process_is_removed_on_the_next_setup():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"{podnet.NAME_PREFIX}{dead.pid}-1"
+    subprocess.run(["ip", "netns", "add", stale], check=True, capture_output=True)
+    try:
+        with podnet.PodNetwork():
+            assert stale not in _listing()
+    finally:
+        podnet.delete(stale)
