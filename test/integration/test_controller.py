@@ -25,7 +25,7 @@ from api import labels as L
 from common.kube import KubeClient
 from controller.manager import Controller, Options
 from localkube.controlplane import ControlPlane
-from localkube.kubelet import TestKubelet
+from localkube.kubelet import AddressAllocator, TestKubelet, shared_allocator
 from localkube.podspec import SIM_ARGS_ANNOTATION
 from localkube.wait import wait_until
 
@@ -70,50 +70,34 @@ def crds(control_plane: ControlPlane) -> None:
                           "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
 
 
-# A /24 on the loopback interface: local like 127/8, but accepted in EndpointSlices. One per test process,
-# so concurrent sessions neither collide nor remove each other's addresses.
-POD_NET = f"10.244.{100 + os.getpid() % 150}"
+# A /24 on the loopback interface: local like 127/8, but accepted in EndpointSlices (the API server refuses
+# loopback endpoints with a 422). One per test process, so concurrent sessions do not collide.
+POD_NET = f"10.251.{100 + os.getpid() % 150}"
 
 
 @pytest.fixture(scope="module")
-def pod_network() -> Iterator[None]:
-    """Pod IPs the API server accepts in EndpointSlices (it refuses 127.0.0.0/8 with a 422).
-
-    The test kubelet hands out 127.0.0.x; here its allocator hands out addresses of a /24 added to the
-    loopback interface instead (needs CAP_NET_ADMIN, as root in the development container has).
-    """
-    from localkube import kubelet as kubelet_module
-
+def pod_network() -> Iterator[str]:
+    """A local network whose addresses the API server accepts in EndpointSlices (needs CAP_NET_ADMIN)."""
     added = subprocess.run(["ip", "addr", "add", f"{POD_NET}.1/24", "dev", "lo"], capture_output=True, text=True,
                            check=False)
     if added.returncode != 0 and "File exists" not in added.stderr and "already assigned" not in added.stderr:
-        pytest.fail(f"cannot add {POD_NET}.1/24 to lo for EndpointSlice-valid pod IPs: {added.stderr.strip()}")
-    allocator = kubelet_module.AddressAllocator
-    original_address, original_release = allocator._address, allocator.release
-
-    def address(n: int) -> str:
-        return f"{POD_NET}.{n}" if n < 255 else original_address(n)
-
-    def release(self: Any, ip: str) -> None:
-        if ip.startswith(POD_NET + "."):
-            with self._lock:
-                self._used.discard(int(ip.rsplit(".", 1)[1]))
-        else:
-            original_release(self, ip)
-
-    allocator._address = staticmethod(address)  # type: ignore[method-assign]
-    allocator.release = release  # type: ignore[method-assign]
+        pytest.fail(f"cannot add {POD_NET}.1/24 to lo for EndpointSlice-valid pod IPs: {added.stderr.strip()}; "
+                    f"run `sudo ip addr add {POD_NET}.1/24 dev lo` once")
     try:
-        yield
+        yield f"{POD_NET}.0/24"
     finally:
-        allocator._address = original_address  # type: ignore[method-assign]
-        allocator.release = original_release  # type: ignore[method-assign]
         if added.returncode == 0:
             subprocess.run(["ip", "addr", "del", f"{POD_NET}.1/24", "dev", "lo"], capture_output=True, check=False)
 
 
 @pytest.fixture
-def controller(control_plane: ControlPlane, namespace: str, crds: None, pod_network: None) -> Iterator[Controller]:
+def kubelet_addresses(pod_network: str) -> AddressAllocator:
+    """The `kubelet` fixture takes pod IPs from `pod_network` (see test/conftest.py)."""
+    return shared_allocator(pod_network)
+
+
+@pytest.fixture
+def controller(control_plane: ControlPlane, namespace: str, crds: None, pod_network: str) -> Iterator[Controller]:
     """The controller in-process (in threads), watching the test's namespace."""
     api = control_plane.api_client()
     kube = KubeClient(api)
@@ -366,14 +350,16 @@ def test_scale_up_pod_loss_and_restart_are_repaired(
     layout = loaded_layout(cp, namespace)
     restarted = next(p for p in ready_pods(cp, namespace, "llm") if layout.get(p["metadata"]["name"]))
     name = restarted["metadata"]["name"]
-    kubelet.restart_pod(namespace, name)
-    t0 = time.monotonic()
+    restarts = kubelet.restart_pod(namespace, name)
 
-    def reloaded() -> bool:
-        ip = next(p["status"]["podIP"] for p in ready_pods(cp, namespace, "llm") if p["metadata"]["name"] == name)
-        return sim_models(ip) == layout[name]
+    def back() -> dict[str, Any] | None:  # the simulator starts again (a Python process: seconds on a busy box)
+        return next((p for p in ready_pods(cp, namespace, "llm") if p["metadata"]["name"] == name
+                     and p["status"]["containerStatuses"][0]["restartCount"] >= restarts), None)
 
-    wait_until(reloaded, timeout=10, what=f"{sorted(layout[name])} loaded again on restarted {name}")
+    ip = wait_until(back, timeout=60, what=f"{name} ready again after its restart")["status"]["podIP"]
+    t0 = time.monotonic()  # from here on vLLM serves without the adapters: the controller's time to repair
+    wait_until(lambda: sim_models(ip) == layout[name], timeout=10,
+               what=f"{sorted(layout[name])} loaded again on restarted {name}")
     assert time.monotonic() - t0 <= 10
 
 
@@ -525,13 +511,30 @@ def test_removed_adapter_leaves_the_route_table_before_the_unload_and_after_in_f
 
 def _start_controller(cp: ControlPlane, namespace: str, identity: str, log: Path) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "controller", "--kubeconfig", str(cp.kubeconfig), "--namespace", namespace,
-            "--lease-namespace", namespace, "--identity", identity, "--metrics-port", "-1", "--audit-period", "1"]
+            "--lease-namespace", namespace, "--identity", identity, "--metrics-port", "0", "--metrics-host",
+            "127.0.0.1", "--audit-period", "1"]
     with log.open("wb") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
+def _metric(log: Path, name: str) -> float | None:
+    """The sum of a metric's samples on the process whose log is ``log`` (it logs its metrics port)."""
+    import re
+
+    port = int(re.search(r"metrics on port (\d+)", log.read_text()).group(1))  # type: ignore[union-attr]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"]
+    return sum(values) if values else None
+
+
 def test_two_processes_only_the_leader_acts_and_a_killed_leader_hands_over(  # noqa: PLR0917
-    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, pod_network: None,
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, pod_network: str,
     tmp_path: Path,
 ) -> None:
     cp = control_plane
@@ -551,6 +554,9 @@ def test_two_processes_only_the_leader_acts_and_a_killed_leader_hands_over(  # n
         standby_log = (tmp_path / f"{standby}.log").read_text()
         assert "leading:" not in standby_log and "load lora" not in standby_log, standby_log[-2000:]
         assert "load lora" in (tmp_path / f"{leader}.log").read_text()
+        assert _metric(tmp_path / f"{leader}.log", "lora_controller_is_leader") == 1.0
+        assert _metric(tmp_path / f"{standby}.log", "lora_controller_is_leader") == 0.0
+        assert _metric(tmp_path / f"{standby}.log", "lora_controller_api_writes_total") is None  # never wrote
 
         os.killpg(procs[leader].pid, signal.SIGKILL)
         procs[leader].wait(10)
@@ -575,7 +581,7 @@ def test_two_processes_only_the_leader_acts_and_a_killed_leader_hands_over(  # n
 
 
 def test_the_shipped_rbac_is_enough(
-    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, pod_network: None
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, pod_network: str
 ) -> None:
     """The controller, holding only config/rbac's rules bound in one namespace, does its whole job."""
     import yaml
