@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--kubelet",
         action="store_true",
-        help="also run a test kubelet that binds pods and runs a vLLM simulator for each",
+        help="also run a test kubelet that binds pods and runs a vLLM simulator for each on a pod network of its "
+        "own (a network namespace; needs root, else pods fall back to 127.0.0.x)",
     )
     sub.add_parser("binaries", help="build (or find in the cache) the control-plane binaries; print their folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,20 +53,33 @@ def _up(args: argparse.Namespace) -> int:
         start_timeout=args.start_timeout,
     )
     cp.start()
+    kubelet = None
     try:
-        kubelet = None
         if args.kubelet:
             from localkube.kubelet import TestKubelet
 
+            # Pods get addresses on the kubelet's own pod network (a network namespace joined to the host
+            # by a veth pair), so they can be in EndpointSlices; without root it falls back to 127.0.0.x.
             kubelet = TestKubelet(cp.api_client(), node_name="localkube-node").start()
+            network = kubelet.network
+            if network is not None:
+                print(
+                    f"test kubelet: pods on {network.subnet} (host side {network.host_address}, network "
+                    f"namespace {network.namespace})",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    "test kubelet: no pod network, pods on 127.0.0.x (not allowed in EndpointSlices)", file=sys.stderr
+                )
         print(f"control plane ready in {cp.startup_seconds:.1f}s; logs in {cp.work_dir / 'logs'}", file=sys.stderr)
         print(cp.kubeconfig)
         print(f"export KUBECONFIG={cp.kubeconfig}", flush=True)
         while not stop.wait(1.0):
             pass
-        if kubelet is not None:
-            kubelet.stop()
     finally:
+        if kubelet is not None:
+            kubelet.stop()  # its simulators, then its pod network
         cp.stop()
     return 0
 
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(find_binaries())
             return 0
         return _up(args)
-    except (BinariesError, ControlPlaneError) as exc:
+    except (BinariesError, ControlPlaneError, RuntimeError) as exc:
         print(f"localkube: {exc}", file=sys.stderr)
         return 1
 
