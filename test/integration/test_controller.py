@@ -670,3 +670,41 @@ def test_an_adapter_loaded_behind_the_controllers_back_is_unloaded(
     wait_until(lambda: sim_models(ip) == {"lora-1", "lora-3", "not-ours"}, timeout=15,
                what="the stray lora-2 unloaded, the adapter the autoscaler does not manage kept")
     assert loaded_layout(cp, namespace) == proposal_layout(names, ADAPTERS)
+
+
+def test_any_kind_with_a_scale_subresource_and_the_pod_selector_narrowing(
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, controller: Controller
+) -> None:
+    """A custom resource (like llmaz's Playground) found through discovery and its scale subresource."""
+    cp = control_plane
+    group = "serving.example.com"
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"playgrounds.{group}"},
+        "spec": {"group": group, "scope": "Namespaced",
+                 "names": {"plural": "playgrounds", "singular": "playground", "kind": "Playground"},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": {"type": "object",
+                                                              "x-kubernetes-preserve-unknown-fields": True}},
+                               "subresources": {"status": {}, "scale": {
+                                   "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                                   "labelSelectorPath": ".status.selector"}}}]},
+    }
+    apply(cp, crd)
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/playgrounds.{group}")
+    apply(cp, {"apiVersion": f"{group}/v1", "kind": "Playground", "metadata": {"name": "pg", "namespace": namespace},
+               "spec": {"replicas": 3}})
+    cp.kubectl("patch", "playground", "pg", "-n", namespace, "--subresource=status", "--type=merge",
+               "-p", json.dumps({"status": {"replicas": 3, "selector": "app=pg"}}))
+    template = vllm_deployment("pg", namespace, 1)["spec"]["template"]
+    for i, role in enumerate(("leader", "worker", "leader")):
+        apply(cp, {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": f"pg-{i}", "namespace": namespace, "labels": {"app": "pg", "role": role}},
+                   "spec": template["spec"]})
+    wait_ready(cp, namespace, "pg", 3)
+    apply(cp, autoscaler("a", namespace, "pg", adapters=("lora-1", "lora-2"),
+                         scaleTargetRef={"apiVersion": f"{group}/v1", "kind": "Playground", "name": "pg"},
+                         podSelector={"matchLabels": {"role": "leader"}}))
+    wait_layout(cp, namespace, "a", {"pg-0": {"lora-1"}, "pg-2": {"lora-2"}}, timeout=30)
+    status = get_json(cp, "loraautoscaler", "a", "-n", namespace)["status"]
+    assert status["replicas"] == 2
