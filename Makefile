@@ -8,9 +8,10 @@ demo:
 test:
 	hack/test.sh
 
-# Regenerates config/crd/ from api/.
+# Regenerates config/crd/ and docs/api.md from api/.
 generate: setup
 	.venv/bin/python hack/gen_crds.py
+	.venv/bin/python hack/gen_api_docs.py
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/mypy . && .venv/bin/lint-imports

@@ -110,7 +110,9 @@ def object_schema(cls: type) -> dict[str, Any]:
         elif field.default_factory is not _MISSING:  # a nested object defaulted as a whole
             produced = field.default_factory()
             if dataclasses.is_dataclass(produced) and not isinstance(produced, type):
-                schema["default"] = {}
+                # The whole default object, not {}: the API server checks a default against the object's
+                # CEL rules as it stands, before nested defaults would fill it in.
+                schema["default"] = to_dict(produced)
         _, optional = _unwrap_optional(hints[field.name])
         if field.default is _MISSING and field.default_factory is _MISSING and not optional:
             required.append(name)
