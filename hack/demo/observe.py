@@ -17,10 +17,12 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import labels as L
-from common.kube import ENDPOINT_SLICES, LORA_AUTOSCALERS, LORA_PLACEMENTS, PODS, KubeClient
+from common.kube import ENDPOINT_SLICES, EVENTS, LORA_AUTOSCALERS, LORA_PLACEMENTS, PODS, KubeClient
 
 LATENCY_METRIC = "lora_router_request_duration_seconds"
 LATENCY_WINDOW_SECONDS = 10.0
+CONTROLLER = "lora-autoscaler-controller"
+"""The reportingController of the controller's Events."""
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Sample:
     pods: list[PodRow]
     conditions: dict[str, tuple[str, str, str]]
     """type -> (status, reason, message)."""
+    events: list[str] = field(default_factory=list)
+    """The controller's latest Events, newest last."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -146,6 +150,20 @@ def build_rows(
     return list(rows.values())
 
 
+def recent_events(events: Iterable[Mapping[str, Any]], controller: str, count: int = 5) -> list[str]:
+    """The newest Events the controller reported (a series counts at its last repeat), as short lines."""
+    def when(ev: Mapping[str, Any]) -> str:
+        return str((ev.get("series") or {}).get("lastObservedTime") or ev.get("eventTime") or "")
+
+    mine = sorted((e for e in events if e.get("reportingController") == controller), key=when)[-count:]
+    lines = []
+    for ev in mine:
+        repeats = (ev.get("series") or {}).get("count")
+        lines.append(f"{when(ev)[11:19]} {ev.get('reason', '')}: {ev.get('note', '')}"
+                     + (f" (x{repeats})" if repeats else ""))
+    return lines
+
+
 def build_pods(pods: Iterable[Mapping[str, Any]], router_load: Mapping[str, Any] | None) -> list[PodRow]:
     """One row per pod of the fleet, with the router's in-flight count and the adapters vLLM is running."""
     seen = ((router_load or {}).get("pods") or {})
@@ -209,6 +227,7 @@ class Observer:
         )["items"], [])
         pods = attempt("pods", lambda: self.kube.list(PODS, ns, label_selector=self.pod_selector)["items"], [])
         router_load = attempt("router /router/load", lambda: json.loads(http_get(f"{self.router}/router/load")), None)
+        events = attempt("events", lambda: self.kube.list(EVENTS, ns)["items"], [])
         text = attempt("router /metrics", lambda: http_get(f"{self.router}/metrics").decode(), "")
         latency = self._windowed_latency(t, latency_totals(text)) if text else {}
         return Sample(
@@ -217,5 +236,6 @@ class Observer:
                                 router_load=router_load, latency=latency),
             pods=build_pods(pods, router_load),
             conditions=_condition_map(autoscaler),
+            events=recent_events(events, CONTROLLER),
             errors=errors,
         )

@@ -12,6 +12,8 @@ CLEAR = "\x1b[H\x1b[2J"
 PHASE_MARKS = {"Loaded": "", "Loading": "+", "Pending": "+", "Retiring": "-", "Draining": "-", "Unloading": "-",
                "Failed": "!"}
 """Suffix of a pod name in the adapter table: + on its way in, - on its way out, ! failed."""
+NORMAL = {"Ready": "True", "Progressing": "False", "Saturated": "False", "Degraded": "False"}
+"""Each condition's usual status; the reason is shown only when it differs."""
 
 
 @dataclass(frozen=True)
@@ -56,18 +58,16 @@ def render(sample: Sample, progress: Progress, phases: Sequence[Phase], autoscal
         "",
     ]
     conds = "  ".join(
-        f"{ctype}={sample.conditions[ctype][0]}" + (f" ({sample.conditions[ctype][1]})" if sample.conditions[ctype][1]
-                                                   else "")
-        for ctype in ("Ready", "Progressing", "Saturated", "Degraded") if ctype in sample.conditions
+        f"{ctype}={sample.conditions[ctype][0]}"
+        + (f" ({sample.conditions[ctype][1]})" if sample.conditions[ctype][0] != NORMAL[ctype] else "")
+        for ctype in NORMAL if ctype in sample.conditions
     )
     lines.append(f"LoRAAutoscaler {autoscaler}: {conds or '(no conditions yet)'}")
     for ctype in ("Saturated", "Degraded"):
         status, _, message = sample.conditions.get(ctype, ("", "", ""))
         if status == "True" and message:
             lines.append(f"  {ctype}: {message[:150]}")
-    lines += ["", "per adapter: replicas from the autoscaler's status and the route table; load (outstanding requests "
-              "per replica) from the status; req/s, in flight and mean latency from the router",
-              f"{'adapter':<8} {'desired':>7} {'routable':>8} {'load':>6} {'req/s':>6} {'in-fl':>5} "
+    lines += ["", f"{'adapter':<8} {'desired':>7} {'routable':>8} {'load':>6} {'req/s':>6} {'in-fl':>5} "
               f"{'mean ms':>7}  pods (+ loading, - draining)"]
     for row in sample.adapters:
         pods = sorted(set(row.placements) | set(row.routable_pods))
@@ -76,6 +76,7 @@ def render(sample: Sample, progress: Progress, phases: Sequence[Phase], autoscal
             f"{row.name:<8} {_num(row.desired):>7} {row.routable:>8} {_num(row.load, '{:.1f}'):>6} "
             f"{row.rate:>6.1f} {row.in_flight:>5} {_ms(row.latency):>7}  {marks}"
         )
+    lines.append("(desired, load: the autoscaler's status; routable: the EndpointSlices; the rest: the router)")
     lines += ["", f"{'pod':<8} {'ip':<15} {'ready':<5} {'in-fl':>5}  adapters placed        running in vLLM now"]
     placed: dict[str, list[str]] = {}
     for row in sample.adapters:
@@ -86,6 +87,8 @@ def render(sample: Sample, progress: Progress, phases: Sequence[Phase], autoscal
             f"{short_pod(p.name):<8} {p.ip:<15} {'yes' if p.ready else 'no':<5} {p.in_flight:>5}  "
             f"{' '.join(sorted(placed.get(p.name, []))):<22} {' '.join(p.running_adapters)}"
         )
+    if sample.events:
+        lines += ["", "latest events:", *(f"  {e[:130]}" for e in sample.events)]
     if sample.errors:
         lines += ["", *(f"! {e[:150]}" for e in sample.errors[:3])]
     return "\n".join(lines)
