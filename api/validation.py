@@ -20,19 +20,20 @@ Warnings (legal but risky) are separate: :func:`autoscaler_warnings`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import fastjsonschema
 import jsonschema
 
 from api import v1alpha1 as v1
 from api.crd import json_schema
-from api.defaulting import defaulted
+from api.defaulting import JsonPatchOp, defaulted
 
 # --- results -----------------------------------------------------------------------------------------
 
@@ -123,12 +124,23 @@ def path_of(parts: Iterable[str | int]) -> str:
     return out or ROOT_PATH
 
 
-def _drop_nulls(value: Any) -> Any:
-    """Fields set to null are absent, as the API server prunes them from structural CRDs before defaulting."""
+class _TooDeep(ValueError):
+    pass
+
+
+def _drop_nulls(value: Any, depth: int = 1) -> Any:
+    """A copy without null fields (the API server prunes them from structural CRDs before defaulting).
+
+    Raises `_TooDeep` past ``MAX_DEPTH`` levels, so the recursion is bounded whatever the input.
+    """
     if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+        if depth > MAX_DEPTH:
+            raise _TooDeep
+        return {k: _drop_nulls(v, depth + 1) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
+        if depth > MAX_DEPTH:
+            raise _TooDeep
+        return [_drop_nulls(v, depth + 1) for v in value]
     return value
 
 
@@ -446,21 +458,38 @@ def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def _prepare(kind: str, obj: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
+#: The parts of an object that admission checks; the rest (status, unknown top-level fields) is not read.
+_CHECKED_TOP_LEVEL = ("apiVersion", "kind", "metadata")
+
+
+class _Checked(NamedTuple):
+    """One pass over an object: the prepared (null-free, defaulted) form, its problems, the defaults patch."""
+
+    obj: dict[str, Any] | None
+    problems: list[Problem]
+    patch: list[JsonPatchOp]
+
+
+def _prepare(kind: str, obj: Any) -> _Checked:
+    """The object as the rules see it: nulls dropped and defaults applied to a private copy of its spec.
+
+    Metadata is only type-checked, never walked, so its size (managedFields, a last-applied annotation)
+    costs nothing; the spec is refused before any recursion when it nests absurdly deep. The patch adds
+    the defaults to ``obj`` itself: an ``add`` onto a null field replaces it, and list items are never
+    dropped, so its paths hold in the original too.
+    """
     if not isinstance(obj, dict):
-        return None, [Problem(ROOT_PATH, f"a {kind} must be a JSON object (got {_json_type(obj)})")]
-    if nesting_depth(obj) > MAX_DEPTH:
-        return None, [Problem(ROOT_PATH, f"lists and objects nest more than {MAX_DEPTH} levels deep; no valid "
-                              f"{kind} comes close")]
-    return defaulted(kind, _drop_nulls(obj), in_place=True)[0], []  # _drop_nulls made a private copy
-
-
-def validate_autoscaler(obj: Any) -> list[Problem]:
-    """Every problem of a LoRAAutoscaler (as created), defaults applied first; empty when valid."""
-    prepared, problems = _prepare(v1.AUTOSCALER_KIND, obj)
-    if prepared is None:
-        return problems
-    return schema_problems(v1.AUTOSCALER_KIND, prepared) + _autoscaler_semantic(prepared, obj)
+        return _Checked(None, [Problem(ROOT_PATH, f"a {kind} must be a JSON object (got {_json_type(obj)})")], [])
+    slim = {key: obj[key] for key in _CHECKED_TOP_LEVEL if obj.get(key) is not None}
+    spec = obj.get("spec")
+    if spec is not None:
+        try:
+            slim["spec"] = _drop_nulls(spec)
+        except _TooDeep:
+            return _Checked(None, [Problem("spec", f"lists and objects nest more than {MAX_DEPTH} levels deep; "
+                                           f"no valid {kind} comes close")], [])
+    prepared, patch = defaulted(kind, slim, in_place=True)  # _drop_nulls made a private copy of the spec
+    return _Checked(prepared, [], patch)
 
 
 def _scale_target(obj: Mapping[str, Any]) -> tuple[Any, Any, Any] | None:
@@ -470,18 +499,14 @@ def _scale_target(obj: Mapping[str, Any]) -> tuple[Any, Any, Any] | None:
     return ref.get("apiVersion"), ref.get("kind"), ref.get("name")
 
 
-def validate_autoscaler_update(old: Any, new: Any) -> list[Problem]:
-    """Problems of an update: the rules on the new object, plus the immutable ``scaleTargetRef``.
-
-    An update that leaves the spec as it was (metadata, finalizers, labels) is always allowed, so that an
-    object stored before a rule was tightened can still be relabelled, finalized and deleted.
-    """
-    prepared_new, problems = _prepare(v1.AUTOSCALER_KIND, new)
+def _check_autoscaler(new: Any, old: Any, *, update: bool) -> _Checked:
+    checked = _prepare(v1.AUTOSCALER_KIND, new)
+    prepared_new = checked.obj
     if prepared_new is None:
-        return problems
-    prepared_old, _ = _prepare(v1.AUTOSCALER_KIND, old) if isinstance(old, dict) else (None, [])
+        return checked
+    prepared_old = _prepare(v1.AUTOSCALER_KIND, old).obj if update and isinstance(old, dict) else None
     if prepared_old is not None and prepared_old.get("spec") == prepared_new.get("spec"):
-        return []
+        return checked
     problems = schema_problems(v1.AUTOSCALER_KIND, prepared_new) + _autoscaler_semantic(prepared_new, new)
     before = _scale_target(prepared_old) if prepared_old is not None else None
     after = _scale_target(prepared_new)
@@ -490,7 +515,21 @@ def validate_autoscaler_update(old: Any, new: Any) -> list[Problem]:
         now = f"{after[1]} {after[2]} ({after[0]})"
         problems.append(Problem("spec.scaleTargetRef", f"is immutable (was {was}, now {now}): create a new "
                                 f"LoRAAutoscaler for another target and delete this one"))
-    return problems
+    return checked._replace(problems=problems)
+
+
+def validate_autoscaler(obj: Any) -> list[Problem]:
+    """Every problem of a LoRAAutoscaler (as created), defaults applied first; empty when valid."""
+    return _check_autoscaler(obj, None, update=False).problems
+
+
+def validate_autoscaler_update(old: Any, new: Any) -> list[Problem]:
+    """Problems of an update: the rules on the new object, plus the immutable ``scaleTargetRef``.
+
+    An update that leaves the spec as it was (metadata, finalizers, labels) is always allowed, so that an
+    object stored before a rule was tightened can still be relabelled, finalized and deleted.
+    """
+    return _check_autoscaler(new, old, update=True).problems
 
 
 _PLACEMENT_IDENTITY = ("autoscaler", "adapter", "podName", "podUid")
@@ -507,23 +546,14 @@ def _placement_semantic(obj: dict[str, Any]) -> list[Problem]:
     return out
 
 
-def validate_placement(obj: Any) -> list[Problem]:
-    """Every problem of a LoRAPlacement (written by the controller; checked so that hand edits are sane)."""
-    prepared, problems = _prepare(v1.PLACEMENT_KIND, obj)
-    if prepared is None:
-        return problems
-    return schema_problems(v1.PLACEMENT_KIND, prepared) + _placement_semantic(prepared)
-
-
-def validate_placement_update(old: Any, new: Any) -> list[Problem]:
-    """Problems of a LoRAPlacement update: the rules on the new object; which adapter on which pod is fixed."""
-    prepared_new, problems = _prepare(v1.PLACEMENT_KIND, new)
+def _check_placement(new: Any, old: Any, *, update: bool) -> _Checked:
+    checked = _prepare(v1.PLACEMENT_KIND, new)
+    prepared_new = checked.obj
     if prepared_new is None:
-        return problems
-    prepared_old, _ = _prepare(v1.PLACEMENT_KIND, old)
-    old_spec = _get(prepared_old, "spec")
+        return checked
+    old_spec = _get(_prepare(v1.PLACEMENT_KIND, old).obj, "spec") if update else None
     if isinstance(old_spec, dict) and old_spec == prepared_new.get("spec"):
-        return []
+        return checked
     problems = schema_problems(v1.PLACEMENT_KIND, prepared_new) + _placement_semantic(prepared_new)
     new_spec = prepared_new.get("spec")
     if isinstance(old_spec, dict) and isinstance(new_spec, dict):
@@ -532,16 +562,53 @@ def validate_placement_update(old: Any, new: Any) -> list[Problem]:
                 problems.append(Problem(f"spec.{key}", f"is immutable (was {_show(old_spec.get(key))}, now "
                                         f"{_show(new_spec.get(key))}): a placement is one adapter on one pod; "
                                         f"create another placement instead"))
-    return problems
+    return checked._replace(problems=problems)
+
+
+def validate_placement(obj: Any) -> list[Problem]:
+    """Every problem of a LoRAPlacement (written by the controller; checked so that hand edits are sane)."""
+    return _check_placement(obj, None, update=False).problems
+
+
+def validate_placement_update(old: Any, new: Any) -> list[Problem]:
+    """Problems of a LoRAPlacement update: the rules on the new object; which adapter on which pod is fixed."""
+    return _check_placement(new, old, update=True).problems
+
+
+def _check(kind: str, obj: Any, old: Any) -> _Checked:
+    if kind == v1.AUTOSCALER_KIND:
+        return _check_autoscaler(obj, old, update=old is not None)
+    if kind == v1.PLACEMENT_KIND:
+        return _check_placement(obj, old, update=old is not None)
+    raise ValueError(f"unknown kind {kind!r}: expected {v1.AUTOSCALER_KIND} or {v1.PLACEMENT_KIND}")
 
 
 def validate(kind: str, obj: Any, old: Any = None) -> list[Problem]:
     """Dispatch by kind: creation rules when ``old`` is None, update rules otherwise."""
-    if kind == v1.AUTOSCALER_KIND:
-        return validate_autoscaler(obj) if old is None else validate_autoscaler_update(old, obj)
-    if kind == v1.PLACEMENT_KIND:
-        return validate_placement(obj) if old is None else validate_placement_update(old, obj)
-    raise ValueError(f"unknown kind {kind!r}: expected {v1.AUTOSCALER_KIND} or {v1.PLACEMENT_KIND}")
+    return _check(kind, obj, old).problems
+
+
+@dataclass(frozen=True)
+class Review:
+    """What an admission answers about one object: problems (deny) or warnings and the defaults patch."""
+
+    problems: list[Problem]
+    warnings: list[str]
+    patch: list[JsonPatchOp]
+
+
+def review(kind: str, obj: Any, old: Any = None, target: TargetScale | None = None) -> Review:
+    """Problems, warnings and the defaults patch in one pass over the object (what the webhook runs).
+
+    ``old`` is the stored object on an update (None on create); ``target`` the caller's read of a
+    LoRAAutoscaler's scale target (None: no capacity warning). Warnings are only given for valid objects;
+    the patch adds the defaults to ``obj`` as given.
+    """
+    checked = _check(kind, obj, old)
+    if checked.problems:
+        return Review(checked.problems, [], [])
+    warnings = _warnings(checked.obj, target) if kind == v1.AUTOSCALER_KIND else []
+    return Review([], warnings, checked.patch)
 
 
 # --- warnings ----------------------------------------------------------------------------------------
@@ -550,9 +617,24 @@ def validate(kind: str, obj: Any, old: Any = None) -> list[Problem]:
 SYNC_PERIOD_WARN_MILLISECONDS = 5000
 
 
+_DEFAULT_TARGET_API_VERSION = next(
+    f.default for f in dataclasses.fields(v1.CrossVersionObjectReference) if f.name == "api_version"
+)
+
+
 def scale_target_ref(obj: Any) -> tuple[str, str, str] | None:
     """(apiVersion, kind, name) of a LoRAAutoscaler's target when all three are usable strings, else None."""
-    prepared, _ = _prepare(v1.AUTOSCALER_KIND, obj)
+    ref = _get(obj, "spec", "scaleTargetRef")
+    if not isinstance(ref, dict):
+        return None
+    api_version = ref.get("apiVersion")
+    return _usable_ref({"spec": {"scaleTargetRef": {
+        "apiVersion": _DEFAULT_TARGET_API_VERSION if api_version is None else api_version,
+        "kind": ref.get("kind"), "name": ref.get("name"),
+    }}})  # fmt: skip
+
+
+def _usable_ref(prepared: dict[str, Any] | None) -> tuple[str, str, str] | None:
     ref = _scale_target(prepared) if prepared is not None else None
     if ref is None or not all(isinstance(x, str) and x for x in ref):
         return None
@@ -601,7 +683,10 @@ def _capacity_warnings(spec: dict[str, Any], target: TargetScale, ref: tuple[str
 
 def autoscaler_warnings(obj: Any, target: TargetScale | None = None) -> list[str]:
     """Legal but risky settings of a LoRAAutoscaler, each naming its field; ``target`` from the caller's read."""
-    prepared, _ = _prepare(v1.AUTOSCALER_KIND, obj)
+    return _warnings(_prepare(v1.AUTOSCALER_KIND, obj).obj, target)
+
+
+def _warnings(prepared: dict[str, Any] | None, target: TargetScale | None) -> list[str]:
     spec = _get(prepared, "spec")
     if not isinstance(spec, dict):
         return []
@@ -620,5 +705,5 @@ def autoscaler_warnings(obj: Any, target: TargetScale | None = None) -> list[str
     if isinstance(pa, dict) and pa.get("mode") == "Off" and pa.get("hpaName") is not None:
         out.append("spec.podAutoscaling.hpaName is ignored while spec.podAutoscaling.mode is Off")
     if target is not None:
-        out.extend(_capacity_warnings(spec, target, scale_target_ref(prepared)))
+        out.extend(_capacity_warnings(spec, target, _usable_ref(prepared)))
     return out

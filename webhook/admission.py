@@ -13,17 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from api import v1alpha1 as v1
-from api.defaulting import defaulted
-from api.validation import (
-    MAX_DEPTH,
-    Problem,
-    TargetScale,
-    autoscaler_warnings,
-    format_problems,
-    nesting_depth,
-    scale_target_ref,
-    validate,
-)
+from api.validation import Problem, TargetScale, format_problems, review, scale_target_ref
 from webhook.review import AdmissionRequest, AdmissionResponseWire, StatusCause, allow, deny
 
 KINDS = (v1.AUTOSCALER_KIND, v1.PLACEMENT_KIND)
@@ -65,8 +55,8 @@ def _causes(problems: list[Problem]) -> list[StatusCause]:
     return [{"reason": "FieldValueInvalid", "field": p.path, "message": p.message} for p in problems[:MAX_CAUSES]]
 
 
-def _problems(req: AdmissionRequest, obj: Any) -> list[Problem]:
-    return validate(req.kind, obj, req.old_object if req.operation == "UPDATE" else None)
+def _old(req: AdmissionRequest) -> Any:
+    return req.old_object if req.operation == "UPDATE" else None
 
 
 def _denial(req: AdmissionRequest, problems: list[Problem]) -> AdmissionResponseWire:
@@ -78,13 +68,10 @@ def mutate(req: AdmissionRequest) -> AdmissionResponseWire:
     gated = _gate(req)
     if gated is not None:
         return gated
-    if not isinstance(req.object, dict) or nesting_depth(req.object) > MAX_DEPTH:
-        return _denial(req, _problems(req, req.object))
-    obj, patch = defaulted(req.kind, req.object)
-    problems = _problems(req, obj)
-    if problems:
-        return _denial(req, problems)
-    return allow(req.uid, patch=list(patch))
+    result = review(req.kind, req.object, _old(req))
+    if result.problems:
+        return _denial(req, result.problems)
+    return allow(req.uid, patch=list(result.patch))
 
 
 def target_to_read(req: AdmissionRequest) -> tuple[str, str, str] | None:
@@ -99,8 +86,7 @@ def validate_request(req: AdmissionRequest, target: TargetScale | None = None) -
     gated = _gate(req)
     if gated is not None:
         return gated
-    problems = _problems(req, req.object)
-    if problems:
-        return _denial(req, problems)
-    warnings = autoscaler_warnings(req.object, target) if req.kind == v1.AUTOSCALER_KIND else []
-    return allow(req.uid, warnings=warnings)
+    result = review(req.kind, req.object, _old(req), target)
+    if result.problems:
+        return _denial(req, result.problems)
+    return allow(req.uid, warnings=result.warnings)

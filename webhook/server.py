@@ -15,14 +15,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from webhook.admission import mutate, target_to_read, validate_request
+from api import v1alpha1 as v1
+from webhook.admission import KINDS, mutate, target_to_read, validate_request
 from webhook.review import AdmissionRequest, AdmissionResponseWire, MalformedReview, allow, deny, parse_review, review
 from webhook.targets import NoScaleLookup, ScaleLookup
 
@@ -54,9 +55,17 @@ class WebhookMetrics:
             ["webhook", "code"], registry=self.registry,
         )  # fmt: skip
 
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+
     def count(self, endpoint: str, kind: str, operation: str, result: str, seconds: float) -> None:
-        self.admissions.labels(endpoint, kind, operation, result).inc()
-        self.latency.labels(endpoint, kind).observe(seconds)
+        key = (endpoint, kind, operation, result)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost more than the increments; kinds and operations are few
+            children = (self.admissions.labels(*key), self.latency.labels(endpoint, kind))
+            if len(self._children) < 1024:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -121,7 +130,8 @@ class AdmissionHandler:
             log.exception("%s of %s %s/%s (uid %s) failed", endpoint, req.kind, req.namespace, req.name, req.uid)
             result = "error"
             payload = review(_internal_failure(endpoint, req, exc))
-        self.metrics.count(endpoint, req.kind[:64], req.operation, result, time.perf_counter() - started)
+        kind = req.kind if req.group == v1.GROUP and req.kind in KINDS else "other"  # bounded label values
+        self.metrics.count(endpoint, kind, req.operation, result, time.perf_counter() - started)
         return web.Response(body=payload, content_type="application/json")
 
 

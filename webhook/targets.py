@@ -27,16 +27,16 @@ CACHE_ENTRIES = 1024
 class ScaleLookup(Protocol):
     """Something that says how many replicas a scale target has."""
 
-    async def read(self, namespace: str, api_version: str, kind: str, name: str) -> TargetScale:
-        """The target's replicas, or why they are not known."""
+    async def read(self, namespace: str, api_version: str, kind: str, name: str) -> TargetScale | None:
+        """The target's replicas, or why they are not known; None when capacity is not to be checked."""
         ...
 
 
 class NoScaleLookup:
     """Capacity checks switched off: nothing is read, and no capacity warning is given."""
 
-    async def read(self, namespace: str, api_version: str, kind: str, name: str) -> TargetScale:
-        return TargetScale("unknown", detail="capacity checks are switched off")
+    async def read(self, namespace: str, api_version: str, kind: str, name: str) -> TargetScale | None:
+        return None
 
 
 class ScaleReader:

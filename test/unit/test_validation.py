@@ -340,10 +340,15 @@ def test_nulls_count_as_absent_like_the_api_server_prunes_them() -> None:
     assert validate_autoscaler(obj) == []
 
 
-def test_status_is_not_checked() -> None:
+def test_status_and_metadata_contents_are_not_walked() -> None:
+    deep: Any = "x"
+    for _ in range(5000):
+        deep = {"a": deep}
     obj = autoscaler()
-    obj["status"] = {"replicas": "many", "conditions": 5}
+    obj["status"] = {"replicas": "many", "conditions": deep}
+    obj["metadata"]["managedFields"] = [deep]
     assert validate_autoscaler(obj) == []
+    assert paths(validate_autoscaler({**obj, "metadata": "x"})) == ["metadata"]
 
 
 def test_non_objects_and_missing_spec_are_problems_not_crashes() -> None:
@@ -358,11 +363,10 @@ def test_deep_nesting_is_refused_without_recursion() -> None:
     deep: Any = "x"
     for _ in range(5000):
         deep = [deep]
-    obj = autoscaler()
-    obj["metadata"]["annotations"] = deep
+    obj = autoscaler(podSelector={"matchLabels": deep})
     assert nesting_depth(obj) > MAX_DEPTH
     problems = validate_autoscaler(obj)
-    assert paths(problems) == ["<object>"] and "nest more than" in problems[0].message
+    assert paths(problems) == ["spec"] and "nest more than" in problems[0].message
     assert validate_autoscaler_update(obj, obj) == problems
     assert autoscaler_warnings(obj) == []
 
@@ -611,3 +615,19 @@ def test_fast_and_full_schema_validators_agree(spec: Any) -> None:
     assert (schema_problems(AS, obj) == []) == full_ok
     validate_autoscaler(obj)  # never raises
     autoscaler_warnings(obj, TargetScale("found", replicas=1))
+
+
+def test_review_gives_problems_or_warnings_and_a_patch_for_the_object_as_given() -> None:
+    from api.validation import review
+
+    obj = autoscaler(vllm=None, placementMode="preferred")
+    obj["spec"]["adapters"] = [{"name": "a", "source": "/m", "maxReplicas": None}, {"name": "b", "source": "/n"}]
+    result = review(AS, obj)
+    assert result.problems == []
+    assert result.warnings and result.warnings[0].startswith("spec.placementMode is preferred")
+    patched = apply_patch(obj, list(result.patch))
+    assert patched["spec"]["vllm"]["maxLorasPerReplica"] == 4
+    assert [a["minReplicas"] for a in patched["spec"]["adapters"]] == [1, 1]
+    assert defaulting_patch(AS, patched) == []
+    bad = review(AS, autoscaler(adapters=[{"name": "a", "source": "/m", "minReplicas": 0}]))
+    assert paths(bad.problems) == ["spec.adapters[0].minReplicas"] and bad.patch == [] and bad.warnings == []
