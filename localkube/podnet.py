@@ -193,6 +193,9 @@ class PodNetwork:
             _ip("link", "set", self._host_link, "up")
             _ip("-n", self.namespace, "link", "set", "lo", "up")
             _ip("-n", self.namespace, "link", "set", self._pod_link, "up")
+            # Pod addresses are /32s, so removing one never takes others with it (as removing the primary
+            # address of a prefix does); this route is the namespace's way back to the host.
+            _ip("-n", self.namespace, "route", "add", str(chosen), "dev", self._pod_link)
         except PodNetworkError:
             self._up = True  # so that teardown removes what was made
             self.teardown()
@@ -228,7 +231,7 @@ class PodNetwork:
             else:
                 raise PodNetworkError(f"no free address left in pod network {self.subnet}")
         try:
-            _ip("-n", self.namespace, "addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", self._pod_link)
+            _ip("-n", self.namespace, "addr", "add", f"{ip}/32", "dev", self._pod_link)
         except PodNetworkError:
             with self._lock:
                 self._used.discard(ip)
@@ -240,9 +243,7 @@ class PodNetwork:
         if self.subnet is None:
             return
         if self._up:
-            _ip(
-                "-n", self.namespace, "addr", "del", f"{ip}/{self.subnet.prefixlen}", "dev", self._pod_link, check=False
-            )
+            _ip("-n", self.namespace, "addr", "del", f"{ip}/32", "dev", self._pod_link, check=False)
         with self._lock:
             self._used.discard(ip)
 

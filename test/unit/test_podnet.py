@@ -30,14 +30,7 @@ def test_pod_address_is_reachable_from_the_host_and_removed_after():
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 15
-        status = None
-        while time.monotonic() < deadline and status is None:
-            try:
-                with urllib.request.urlopen(f"http://{ip}:18123/", timeout=1) as response:
-                    status = response.status
-            except OSError:
-                time.sleep(0.1)
+        status = _get_status(f"http://{ip}:18123/")
         assert status == 200
     finally:
         if proc:
@@ -90,3 +83,37 @@ def test_a_network_left_by_a_dead_process_is_removed_on_the_next_setup():
             assert stale not in _listing()
     finally:
         podnet.delete(stale)
+
+
+def test_releasing_one_address_leaves_the_others_reachable():
+    # Removing the first address of a prefix removes every later one with it, unless each is its own /32.
+    with podnet.PodNetwork() as net:
+        first, second = net.acquire(), net.acquire()
+        proc = subprocess.Popen(
+            net.wrap([sys.executable, "-m", "http.server", "18124", "--bind", second]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert _get_status(f"http://{second}:18124/") == 200
+            net.release(first)
+            assert _get_status(f"http://{second}:18124/") == 200
+            assert net.acquire() == first
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # pod addresses are local, never proxied
+
+
+def _get_status(url: str, timeout: float = 15.0) -> int | None:
+    """The status of GET ``url`` once it answers, or None if it does not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with _NO_PROXY.open(url, timeout=1) as response:
+                return int(response.status)
+        except OSError:
+            time.sleep(0.1)
+    return None
