@@ -15,15 +15,24 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from common.kube import KubeClient, load_api_client
-from common.tls import CertificateError, ReloadingServerContext, service_dns_names
-from webhook.certs import CA_FILE, CERT_FILE, KEY_FILE, BundleState, ensure_self_signed, keep_ca_bundle
+from common.kube import ApiError, KubeClient, load_api_client
+from common.tls import CertificateError, CertKeyPair, ReloadingServerContext, service_dns_names
+from webhook.certs import (
+    CA_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    BundleState,
+    ensure_self_signed,
+    keep_ca_bundle,
+    shared_ca,
+)
 from webhook.server import MAX_BODY_BYTES, WebhookMetrics, create_app, create_metrics_app
 from webhook.targets import NoScaleLookup, ScaleLookup, ScaleReader
 
@@ -33,6 +42,9 @@ DEFAULT_CERT_DIR = "/tmp/k8s-webhook-server/serving-certs"
 DEFAULT_CONFIGURATION = "lora-autoscaler-webhook"
 DEFAULT_SERVICE = "lora-autoscaler-webhook"
 DEFAULT_NAMESPACE = "lora-system"
+DEFAULT_CA_SECRET = "lora-autoscaler-webhook-ca"
+#: How long start-up waits for the API to settle the shared CA before giving up (the pod is restarted).
+CA_SECRET_DEADLINE_SECONDS = 60.0
 #: How often a self-made certificate is checked for renewal.
 RENEW_CHECK_SECONDS = 3600.0
 SHUTDOWN_TIMEOUT_SECONDS = 5.0
@@ -55,6 +67,7 @@ class Options:
     extra_sans: tuple[str, ...]
     mutating_configuration: str
     validating_configuration: str
+    ca_secret: str
     kubeconfig: str | None
     capacity_check: bool
     scale_timeout: float
@@ -87,6 +100,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         help="MutatingWebhookConfiguration to write the CA into ('' for none)")
     parser.add_argument("--validating-configuration", default=DEFAULT_CONFIGURATION,
                         help="ValidatingWebhookConfiguration to write the CA into ('' for none)")
+    parser.add_argument("--ca-secret", default=DEFAULT_CA_SECRET,
+                        help="self-signed mode: Secret (in --service-namespace) holding the CA all replicas share; "
+                        "'' keeps the CA in --cert-dir only (one replica)")
     parser.add_argument("--kubeconfig", default=None,
                         help="kubeconfig file (default: in-cluster service account, else $KUBECONFIG)")
     parser.add_argument("--capacity-check", choices=("on", "off"), default="on",
@@ -126,6 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         extra_sans=tuple(args.extra_san),
         mutating_configuration=args.mutating_configuration,
         validating_configuration=args.validating_configuration,
+        ca_secret=args.ca_secret,
         kubeconfig=args.kubeconfig,
         capacity_check=args.capacity_check == "on",
         scale_timeout=args.scale_timeout,
@@ -143,24 +160,41 @@ async def _renew_forever(opts: Options, names: list[str]) -> None:
             log.warning("cannot renew the serving certificate in %s: %s", opts.cert_dir, exc)
 
 
+async def _shared_ca(client: KubeClient, opts: Options) -> CertKeyPair:
+    """The replicas' shared CA from its Secret, retrying while the API is unreachable (bounded)."""
+    deadline = time.monotonic() + CA_SECRET_DEADLINE_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(shared_ca, client, opts.service_namespace, opts.ca_secret)
+        except ApiError as exc:
+            if not exc.retriable or time.monotonic() + delay > deadline:
+                raise SystemExit(f"lora-webhook: cannot read or create the CA Secret "
+                                 f"{opts.service_namespace}/{opts.ca_secret}: {exc}") from exc
+            log.warning("the CA Secret is not reachable yet (%s); retrying", exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 async def serve(opts: Options, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set: certificates, both servers, reload and caBundle tasks."""
     names = [*service_dns_names(opts.service_name, opts.service_namespace), *opts.extra_sans]
     self_signed = opts.cert_source == "self-signed"
-    if self_signed:
-        ensure_self_signed(opts.cert_dir, names)
-    tls = ReloadingServerContext(opts.cert_file, opts.key_file)
-
     publish = self_signed and bool(opts.mutating_configuration or opts.validating_configuration)
+    share = self_signed and bool(opts.ca_secret)
     client: KubeClient | None = None
-    if publish or opts.capacity_check:
+    if publish or share or opts.capacity_check:
         try:
             client = KubeClient(load_api_client(opts.kubeconfig))
         except Exception as exc:
-            if publish:
-                raise SystemExit(f"lora-webhook: cannot reach the Kubernetes API to publish the CA bundle: {exc}; "
+            if publish or share:
+                raise SystemExit(f"lora-webhook: cannot reach the Kubernetes API to share and publish the CA: {exc}; "
                                  f"pass --kubeconfig, run in a pod, or use --cert-source=files") from exc
             log.warning("no Kubernetes API (%s): capacity warnings say 'not checked'", exc)
+    if self_signed:
+        ca = await _shared_ca(client, opts) if share and client is not None else None
+        ensure_self_signed(opts.cert_dir, names, ca=ca)
+    tls = ReloadingServerContext(opts.cert_file, opts.key_file)
     lookup: ScaleLookup = (
         ScaleReader(client, timeout=opts.scale_timeout) if client is not None and opts.capacity_check
         else NoScaleLookup()

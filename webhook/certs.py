@@ -1,9 +1,11 @@
 """The webhook's own certificates: a self-made CA and serving certificate, and the caBundle it publishes.
 
-Self-signed mode (the default) needs nothing installed besides the webhook: on start it reuses the CA
-and certificate in its cert dir when they still fit (same Service names, not near expiry), otherwise it
-makes them; it then writes the CA into its Mutating- and ValidatingWebhookConfiguration, patching only a
-caBundle that differs, and keeps checking (someone re-applying the manifests blanks the caBundle).
+Self-signed mode (the default) needs nothing installed besides the webhook: the CA lives in a Secret
+that the first replica creates and every replica reads (so replicas and restarts agree on one caBundle);
+each replica issues its own serving certificate from it, reusing the one in its cert dir while it still
+fits (same Service names, not near expiry). It then writes the CA into its Mutating- and
+ValidatingWebhookConfiguration, patching only a caBundle that differs, and keeps checking (someone
+re-applying the manifests blanks the caBundle).
 In files mode (cert-manager) the certificate files and the caBundle belong to someone else.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.kube import ApiError, KubeClient, Resource
+from common.kube import SECRETS, ApiError, KubeClient, Resource
 from common.tls import CA_VALIDITY, RENEW_BEFORE, CertificateError, CertKeyPair, issue_serving_cert, make_ca
 from common.tls import serving_cert_fits as _fits
 
@@ -58,14 +60,19 @@ def _ca_usable(ca: CertKeyPair, now: datetime.datetime) -> bool:
 
 
 def ensure_self_signed(
-    cert_dir: Path, names: Sequence[str], *, now: datetime.datetime | None = None
+    cert_dir: Path, names: Sequence[str], *, ca: CertKeyPair | None = None, now: datetime.datetime | None = None
 ) -> tuple[CertKeyPair, bool]:
     """The CA and serving certificate in ``cert_dir``, made or renewed as needed: (CA, whether tls.* changed).
 
-    Idempotent: a second call with the same names changes nothing until renewal is due.
+    ``ca``, when given (the CA shared by all replicas), replaces the one in ``cert_dir``; otherwise the
+    one there is kept while usable. Idempotent: a second call changes nothing until renewal is due.
     """
     now = now or datetime.datetime.now(datetime.UTC)
-    ca = _read_pair(cert_dir / CA_FILE, cert_dir / CA_KEY_FILE)
+    if ca is not None:
+        if _read_pair(cert_dir / CA_FILE, cert_dir / CA_KEY_FILE) != ca:
+            ca.write(cert_dir / CA_FILE, cert_dir / CA_KEY_FILE)
+    else:
+        ca = _read_pair(cert_dir / CA_FILE, cert_dir / CA_KEY_FILE)
     if ca is None or not _ca_usable(ca, now):
         log.info("making a new webhook CA in %s", cert_dir)
         ca = make_ca("lora-autoscaler-webhook-ca", validity=CA_VALIDITY, now=now)
@@ -82,6 +89,63 @@ def ensure_self_signed(
     fresh.write(cert_dir / CERT_FILE, cert_dir / KEY_FILE)
     log.info("wrote a serving certificate for %s to %s", ", ".join(names), cert_dir)
     return ca, True
+
+
+CA_SECRET_CERT = "ca.crt"
+CA_SECRET_KEY = "ca.key"
+_CA_ATTEMPTS = 5
+
+
+def _ca_from_secret(secret: dict[str, Any]) -> CertKeyPair | None:
+    data = secret.get("data") or {}
+    try:
+        return CertKeyPair(base64.b64decode(data[CA_SECRET_CERT]), base64.b64decode(data[CA_SECRET_KEY]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _ca_secret(name: str, namespace: str, ca: CertKeyPair, resource_version: str | None = None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": {
+        "app.kubernetes.io/name": "lora-autoscaler", "app.kubernetes.io/component": "webhook"}}
+    if resource_version:
+        metadata["resourceVersion"] = resource_version
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": {
+        CA_SECRET_CERT: base64.b64encode(ca.cert_pem).decode(), CA_SECRET_KEY: base64.b64encode(ca.key_pem).decode()}}
+
+
+def shared_ca(client: KubeClient, namespace: str, name: str, *, now: datetime.datetime | None = None) -> CertKeyPair:
+    """The CA all replicas share, kept in a Secret: read it, or make it and store it if none is usable.
+
+    Why: replicas that each made their own CA would overwrite each other's caBundle, and the API server
+    would reject every replica but the last. The first replica to create the Secret wins (AlreadyExists
+    and Conflict send the others back to read it), and restarts keep the CA, so the caBundle is stable.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    for _ in range(_CA_ATTEMPTS):
+        try:
+            secret: dict[str, Any] | None = client.get(SECRETS, name, namespace, timeout=(3.0, 5.0))
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+            secret = None
+        if secret is not None:
+            found = _ca_from_secret(secret)
+            if found is not None and _ca_usable(found, now):
+                return found
+        fresh = make_ca("lora-autoscaler-webhook-ca", validity=CA_VALIDITY, now=now)
+        try:
+            if secret is None:
+                client.create(SECRETS, _ca_secret(name, namespace, fresh), namespace, timeout=(3.0, 5.0))
+            else:  # unusable (edited by hand, or near its end): replaced, unless someone else just did
+                version = (secret.get("metadata") or {}).get("resourceVersion")
+                client.replace(SECRETS, _ca_secret(name, namespace, fresh, version), namespace, timeout=(3.0, 5.0))
+            log.info("stored a new webhook CA in Secret %s/%s", namespace, name)
+            return fresh
+        except ApiError as exc:
+            if not (exc.already_exists or exc.conflict):
+                raise
+    raise ApiError(409, "Conflict", f"Secret {namespace}/{name} kept changing; no CA settled after "
+                   f"{_CA_ATTEMPTS} attempts")
 
 
 def ca_bundle_patch(configuration: dict[str, Any], ca_pem: bytes) -> list[dict[str, Any]]:

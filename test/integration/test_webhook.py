@@ -134,31 +134,16 @@ def _wait(what: str, check: Any, deadline_seconds: float, describe: Any = lambda
     raise AssertionError(f"timed out after {deadline_seconds:.0f}s waiting for {what}; {describe()}")
 
 
-@pytest.fixture(scope="module")
-def webhook(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWebhook]:
-    """CRDs applied, configurations registered, the webhook process serving and its CA published."""
-    for path in sorted((ROOT / "config" / "crd").glob(f"{v1.GROUP}_*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        done = control_plane.kubectl("apply", "-f", "-", input=orjson.dumps(crd).decode(), check=False)
-        if done.returncode != 0 and "evaluating rule" in done.stderr:
-            # The generated CRD's `default: {}` on objects with CEL rules is refused by the API server
-            # (reported against api/); the expanded default means the same and is accepted.
-            expanded = _expand_empty_defaults(crd)
-            control_plane.kubectl("apply", "-f", "-", input=orjson.dumps(expanded).decode())
-        elif done.returncode != 0:
-            raise AssertionError(f"cannot install {path.name}: {done.stderr}")
-    for plural in (v1.AUTOSCALER_PLURAL, v1.PLACEMENT_PLURAL):
-        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{plural}.{v1.GROUP}", "--timeout=60s")
-    token = uuid.uuid4().hex[:10]
-    name = f"lora-autoscaler-webhook-test-{token}"
-    port, metrics_port = _free_port(), _free_port()
-    configs = _configurations(name, port, token)
-    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(configs))
-    cert_dir = tmp_path_factory.mktemp("webhook-certs")
-    log = cert_dir.parent / f"webhook-{token}.log"
+def start_webhook(  # noqa: PLR0917
+    control_plane: Any, cert_dir: Path, name: str, token: str, secret_namespace: str, port: int
+) -> RunningWebhook:
+    """``python -m webhook`` on 127.0.0.1, self-signed with the CA shared through a Secret; ready on return."""
+    metrics_port = _free_port()
+    log = cert_dir.parent / f"{cert_dir.name}.log"
     argv = [
         sys.executable, "-m", "webhook", "--host", "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1",
         "--metrics-port", str(metrics_port), "--cert-dir", str(cert_dir), "--extra-san", "127.0.0.1",
+        "--service-namespace", secret_namespace, "--ca-secret", "lora-autoscaler-webhook-ca",
         "--mutating-configuration", name, "--validating-configuration", name,
         "--kubeconfig", str(control_plane.kubeconfig), "--scale-timeout", "2", "--log-level", "INFO",
     ]  # fmt: skip
@@ -179,17 +164,68 @@ def webhook(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 return False
 
         _wait("the webhook's /readyz (CA bundle published)", ready, START_SECONDS, running.logs)
+    except BaseException:
+        stop_webhook(running)
+        raise
+    return running
+
+
+def stop_webhook(running: RunningWebhook) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it lingers; always reaped."""
+    process = running.process
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def webhook(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWebhook]:
+    """CRDs applied, configurations registered, the webhook process serving and its CA published."""
+    for path in sorted((ROOT / "config" / "crd").glob(f"{v1.GROUP}_*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        done = control_plane.kubectl("apply", "-f", "-", input=orjson.dumps(crd).decode(), check=False)
+        if done.returncode != 0 and "evaluating rule" in done.stderr:
+            # The generated CRD's `default: {}` on objects with CEL rules is refused by the API server
+            # (reported against api/); the expanded default means the same and is accepted.
+            expanded = _expand_empty_defaults(crd)
+            control_plane.kubectl("apply", "-f", "-", input=orjson.dumps(expanded).decode())
+        elif done.returncode != 0:
+            raise AssertionError(f"cannot install {path.name}: {done.stderr}")
+    for plural in (v1.AUTOSCALER_PLURAL, v1.PLACEMENT_PLURAL):
+        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{plural}.{v1.GROUP}", "--timeout=60s")
+    token = f"t{uuid.uuid4().hex[:10]}"  # a letter first: YAML never reads it as a number
+    name = f"lora-autoscaler-webhook-test-{token}"
+    system = f"webhook-system-{token}"
+    control_plane.kubectl("create", "namespace", system)
+    running: RunningWebhook | None = None
+    try:
+        port = _free_port()
+        control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_configurations(name, port, token)))
+        running = start_webhook(control_plane, tmp_path_factory.mktemp("webhook-certs"), name, token, system, port)
         yield running
     finally:
         control_plane.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found", check=False)
         control_plane.kubectl("delete", "validatingwebhookconfiguration", name, "--ignore-not-found", check=False)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        if running is not None:
+            stop_webhook(running)
+        control_plane.kubectl("delete", "namespace", system, "--wait=false", check=False)
+
+
+def _bundles(control_plane: Any, name: str) -> set[str]:
+    out: set[str] = set()
+    for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
+        doc = orjson.loads(control_plane.kubectl("get", kind, name, "-o", "json").stdout)
+        out |= {h["clientConfig"].get("caBundle", "") for h in doc["webhooks"]}
+    return out
+
+
+def _versions(control_plane: Any, name: str) -> list[str]:
+    return [orjson.loads(control_plane.kubectl("get", kind, name, "-o", "json").stdout)["metadata"]["resourceVersion"]
+            for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration")]
 
 
 @pytest.fixture
@@ -223,10 +259,22 @@ def get(control_plane: Any, ns: str, kind: str, name: str) -> dict[str, Any] | N
 
 
 def test_the_webhook_published_its_ca_into_both_configurations(control_plane: Any, webhook: RunningWebhook) -> None:
-    want = base64.b64encode(webhook.ca_pem()).decode()
-    for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
-        doc = orjson.loads(control_plane.kubectl("get", kind, webhook.configuration, "-o", "json").stdout)
-        assert [h["clientConfig"]["caBundle"] for h in doc["webhooks"]] == [want] * len(doc["webhooks"])
+    assert _bundles(control_plane, webhook.configuration) == {base64.b64encode(webhook.ca_pem()).decode()}
+
+
+def test_a_second_replica_shares_the_ca_and_leaves_the_configurations_alone(
+    control_plane: Any, webhook: RunningWebhook, tmp_path: Path
+) -> None:
+    before = _versions(control_plane, webhook.configuration)
+    system = f"webhook-system-{webhook.token}"
+    second = start_webhook(control_plane, tmp_path / "replica-2", webhook.configuration, webhook.token, system,
+                           _free_port())
+    try:
+        assert second.ca_pem() == webhook.ca_pem()
+        assert (second.cert_dir / "tls.crt").read_bytes() != (webhook.cert_dir / "tls.crt").read_bytes()
+        assert _versions(control_plane, webhook.configuration) == before  # ready, and nothing was patched
+    finally:
+        stop_webhook(second)
 
 
 def test_every_invalid_manifest_is_refused_with_the_webhooks_message(control_plane: Any, ns: str) -> None:

@@ -113,7 +113,7 @@ def test_files_mode_serves_given_certificates_and_follows_their_rotation(tmp_pat
 
 def test_self_signed_mode_makes_its_certificates_and_needs_no_api_without_configurations(tmp_path: Path) -> None:
     opts = options(tmp_path, "--extra-san", "127.0.0.1", "--mutating-configuration", "",
-                   "--validating-configuration", "")
+                   "--validating-configuration", "", "--ca-secret", "")
 
     async def body() -> None:
         stop = asyncio.Event()
@@ -134,7 +134,7 @@ def test_self_signed_mode_makes_its_certificates_and_needs_no_api_without_config
     run(body)
 
 
-def test_not_ready_while_the_ca_bundle_cannot_be_published(tmp_path: Path) -> None:
+def unreachable_kubeconfig(tmp_path: Path) -> Path:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
@@ -143,8 +143,13 @@ def test_not_ready_while_the_ca_bundle_cannot_be_published(tmp_path: Path) -> No
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
     }))  # fmt: skip
+    return kubeconfig
+
+
+def test_not_ready_while_the_ca_bundle_cannot_be_published(tmp_path: Path) -> None:
+    kubeconfig = unreachable_kubeconfig(tmp_path)
     certs = tmp_path / "certs"
-    opts = options(certs, "--extra-san", "127.0.0.1", "--kubeconfig", str(kubeconfig))
+    opts = options(certs, "--extra-san", "127.0.0.1", "--kubeconfig", str(kubeconfig), "--ca-secret", "")
 
     async def body() -> None:
         stop = asyncio.Event()
