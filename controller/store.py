@@ -84,6 +84,11 @@ class Store:
                     return cached  # gone from the cache too, or a new object
                 return None
             mine, theirs = _rv(obj), _rv(cached)
+            if cached is None and mine is not None:
+                seen = self._cache_rv()
+                if seen is not None and seen >= mine:  # the cache saw our write and then lost it: deleted
+                    del self._recent[key]
+                    return None
             if cached is not None and _uid(cached) == _uid(obj) and (
                     mine is None or theirs is None or theirs >= mine):
                 del self._recent[key]
@@ -93,6 +98,11 @@ class Store:
                 del self._recent[key]
                 return cached
             return obj
+
+    def _cache_rv(self) -> int | None:
+        """The newest resourceVersion the informer has seen (events and bookmarks), if it says."""
+        text = str(getattr(self.cache, "resource_version", "") or "")
+        return int(text) if text.isdigit() else None
 
     def get(self, key: str) -> JSON | None:
         return self._resolve(key, self.cache.get(key))

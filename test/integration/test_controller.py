@@ -347,6 +347,7 @@ def test_scale_up_pod_loss_and_restart_are_repaired(
                what="placements of the deleted pod removed")
 
     # a restart: vLLM forgets runtime-loaded adapters; the controller loads them again within 10 s
+    wait_condition(cp, namespace, "a", "Progressing", "False", timeout=30)  # settled after the replacement pod
     layout = loaded_layout(cp, namespace)
     restarted = next(p for p in ready_pods(cp, namespace, "llm") if layout.get(p["metadata"]["name"]))
     name = restarted["metadata"]["name"]

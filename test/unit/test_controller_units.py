@@ -184,6 +184,7 @@ def test_pod_readiness_and_order():
 class FakeCache:
     def __init__(self):
         self.items = {}
+        self.resource_version = ""
 
     def get(self, key):
         return self.items.get(key)
@@ -274,3 +275,13 @@ def test_orphans_are_only_managed_names_without_a_placement():
     held = {"lora-1": "/a/1", "lora-2": "/a/2", "someone-elses": "/x"}
     assert orphans(held, {"lora-1", "lora-2", "lora-3"}, {"lora-1"}) == {"lora-2"}
     assert orphans(held, {"lora-1"}, {"lora-1"}) == set()
+
+
+def test_store_forgets_a_write_once_the_cache_saw_it_and_then_the_deletion():
+    cache = FakeCache()
+    store = Store(cache)
+    store.wrote(obj("p", 10))
+    cache.resource_version = "9"
+    assert store.get("ns/p") is not None  # the informer is behind our write
+    cache.resource_version = "12"  # it saw rv 10 and then a deletion by someone else
+    assert store.get("ns/p") is None and store.list("ns") == []
