@@ -29,6 +29,10 @@ ADAPTER_NAME_MAX = 63
 SOURCE_SCHEMES = ("file://", "hf://", "s3://", "gs://", "oci://", "http://", "https://")
 SOURCE_PATTERN = r"^(/|file://|hf://|s3://|gs://|oci://|https?://)\S+$"
 
+KIND_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+API_VERSION_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?v[0-9]+((alpha|beta)[0-9]+)?$"
+
 MAX_LORAS_LIMIT = 256  # far above any vLLM deployment seen; a typo (4000) is caught
 MAX_WINDOW_SECONDS = 86_400
 MAX_TIMEOUT_SECONDS = 3_600
@@ -46,12 +50,12 @@ class CrossVersionObjectReference:
     """The workload that runs vLLM: any object with a scale subresource."""
 
     kind: str = prop(description="Kind of the target, e.g. Deployment, StatefulSet, Playground.", min_length=1,
-                     max_length=63)
+                     max_length=63, pattern=KIND_PATTERN)
     name: str = prop(description="Name of the target in the autoscaler's namespace.", min_length=1,
-                     max_length=253)
+                     max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     api_version: str = prop(
         "apps/v1", description="API version of the target, e.g. apps/v1 or inference.llmaz.io/v1alpha1.",
-        max_length=253,
+        max_length=253, pattern=API_VERSION_PATTERN,
     )
 
 
@@ -62,6 +66,11 @@ class LabelSelectorRequirement:
     key: str = prop(description="The label key.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = prop(description="How the key is matched.")
     values: list[str] | None = prop(None, description="Values for In and NotIn.")
+
+    __cel_rules__ = [
+        ("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+         "values must be non-empty for In and NotIn, and absent for Exists and DoesNotExist"),
+    ]
 
 
 @dataclass
@@ -177,6 +186,11 @@ class MetricSpec:
     max_age_seconds: int = prop(10, description="Older samples are ignored as stale.", minimum=1,
                                 maximum=MAX_WINDOW_SECONDS)
 
+    __cel_rules__ = [
+        ("self.source != 'prometheus' || has(self.prometheus)",
+         "scaling.metric.prometheus is required when source is prometheus"),
+    ]
+
 
 @dataclass
 class ScalingSpec:
@@ -203,7 +217,8 @@ class PodAutoscalingSpec:
     mode: PodAutoscalingMode = prop("Off", description="Off: only report the need; HPA: raise the named "
                                     "HPA's minReplicas within its maxReplicas; ScaleTarget: scale the target "
                                     "through its scale subresource within maxReplicas.")
-    hpa_name: str | None = prop(None, description="The HPA to raise, required in HPA mode.")
+    hpa_name: str | None = prop(None, description="The HPA to raise, required in HPA mode.", max_length=253,
+                                pattern=DNS_SUBDOMAIN_PATTERN)
     max_replicas: int | None = prop(None, description="Upper bound for ScaleTarget mode.", minimum=1,
                                     maximum=10_000)
 

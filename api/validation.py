@@ -507,7 +507,16 @@ def _check_autoscaler(new: Any, old: Any, *, update: bool) -> _Checked:
     prepared_old = _prepare(v1.AUTOSCALER_KIND, old).obj if update and isinstance(old, dict) else None
     if prepared_old is not None and prepared_old.get("spec") == prepared_new.get("spec"):
         return checked
-    problems = schema_problems(v1.AUTOSCALER_KIND, prepared_new) + _autoscaler_semantic(prepared_new, new)
+    semantic = _autoscaler_semantic(prepared_new, new)
+    explained = {p.path for p in semantic}
+    # Where a semantic rule and the schema flag the same field, the semantic message (which says what to
+    # do) stands alone.
+    problems: list[Problem] = []
+    for problem in schema_problems(v1.AUTOSCALER_KIND, prepared_new):
+        if problem.path not in explained:
+            explained.add(problem.path)  # one schema message per field: the first says enough
+            problems.append(problem)
+    problems += semantic
     before = _scale_target(prepared_old) if prepared_old is not None else None
     after = _scale_target(prepared_new)
     if before is not None and after is not None and before != after and all(isinstance(x, str) for x in before):

@@ -133,8 +133,9 @@ def test_max_replicas_rule_uses_the_default_min() -> None:
     # minReplicas absent means 1, so maxReplicas 1 is fine and 0 is a bound violation, not a cross-field one.
     assert validate_autoscaler(autoscaler(adapters=[{"name": "a", "source": "/m", "maxReplicas": 1}])) == []
     problems = validate_autoscaler(autoscaler(adapters=[{"name": "a", "source": "/m", "maxReplicas": 0}]))
-    assert paths(problems) == ["spec.adapters[0].maxReplicas", "spec.adapters[0].maxReplicas"]
-    assert "must be at least 1 (got 0)" in messages(problems)
+    # One message per field: the cross-field rule says what to do, so the bare bound is not repeated.
+    assert paths(problems) == ["spec.adapters[0].maxReplicas"]
+    assert "must be at least minReplicas (1), got 0" in messages(problems)
 
 
 @pytest.mark.parametrize(("value", "ok"), [(0, False), (1, True), (256, True), (257, False)])
@@ -315,7 +316,7 @@ def test_every_problem_is_listed_at_once_with_its_path() -> None:
     )
     found = paths(validate_autoscaler(obj))
     assert found == [
-        "spec.adapters[0].name", "spec.adapters[0].source", "spec.adapters[0].minReplicas", "spec.adapters[1].name",
+        "spec.adapters[0].name", "spec.adapters[0].source", "spec.adapters[0].minReplicas",
         "spec.vllm.maxLorasPerReplica", "spec.adapters[1].name", "spec.scaling.scaleDown.threshold",
         "spec.scaling.scaleDown.windowSeconds", "spec.podAutoscaling.hpaName",
     ]  # fmt: skip
