@@ -141,6 +141,8 @@ class AdapterSpec:
     __cel_rules__ = [
         ("!has(self.maxReplicas) || self.maxReplicas >= self.minReplicas",
          "maxReplicas must be at least minReplicas"),
+        ("self.name != 'base'", "the adapter name 'base' is reserved: the route table's Service for the base model "
+         "is <autoscaler>-base"),
     ]
 
 

@@ -330,6 +330,9 @@ def _adapter_problems(spec: dict[str, Any]) -> list[Problem]:
         if not isinstance(adapter, dict):
             continue
         name = adapter.get("name")
+        if name == "base":
+            out.append(Problem(f"spec.adapters[{index}].name", "'base' is reserved: the route table's Service for "
+                               "the base model is <autoscaler>-base; choose another adapter name"))
         if isinstance(name, str):
             if name in first_use:
                 out.append(Problem(f"spec.adapters[{index}].name", f"{_show(name)} is already used by "

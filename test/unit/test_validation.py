@@ -632,3 +632,9 @@ def test_review_gives_problems_or_warnings_and_a_patch_for_the_object_as_given()
     assert defaulting_patch(AS, patched) == []
     bad = review(AS, autoscaler(adapters=[{"name": "a", "source": "/m", "minReplicas": 0}]))
     assert paths(bad.problems) == ["spec.adapters[0].minReplicas"] and bad.patch == [] and bad.warnings == []
+
+
+def test_adapter_name_base_is_reserved_for_the_route_table() -> None:
+    problems = validate_autoscaler(autoscaler(adapters=[{"name": "base", "source": "/m"}]))
+    assert paths(problems) == ["spec.adapters[0].name"]
+    assert "reserved" in messages(problems)
