@@ -7,7 +7,7 @@ the webhook validates against the same schema, and the controller reads objects 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from api.schema import prop
 
@@ -355,56 +355,47 @@ def printer_columns(kind: str) -> list[dict[str, Any]]:
     ]
 
 
+class _Resource:
+    """Shared by the whole-object types: metadata as the API server sends it, typed spec and status."""
+
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Self:
+        """Read an object from the API server (or a manifest); absent fields take their defaults."""
+        from typing import get_type_hints
+
+        from api.schema import from_dict
+
+        hints = get_type_hints(cls)
+        return cls(  # type: ignore[call-arg]
+            metadata=dict(obj.get("metadata") or {}),
+            spec=from_dict(hints["spec"], obj.get("spec")),
+            status=from_dict(hints["status"], obj.get("status")),
+        )
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace", ""))
+
+
 @dataclass
-class LoRAAutoscaler:
-    """A whole LoRAAutoscaler object: metadata as the API server sends it, typed spec and status."""
+class LoRAAutoscaler(_Resource):
+    """A whole LoRAAutoscaler object."""
 
     metadata: dict[str, Any]
     spec: LoRAAutoscalerSpec
     status: LoRAAutoscalerStatus
 
-    @classmethod
-    def from_object(cls, obj: dict[str, Any]) -> LoRAAutoscaler:
-        """Read an object from the API server (or a manifest); absent fields take their defaults."""
-        from api.schema import from_dict
-
-        return cls(
-            metadata=dict(obj.get("metadata") or {}),
-            spec=from_dict(LoRAAutoscalerSpec, obj.get("spec")),
-            status=from_dict(LoRAAutoscalerStatus, obj.get("status")),
-        )
-
-    @property
-    def name(self) -> str:
-        return str(self.metadata.get("name", ""))
-
-    @property
-    def namespace(self) -> str:
-        return str(self.metadata.get("namespace", ""))
-
 
 @dataclass
-class LoRAPlacement:
+class LoRAPlacement(_Resource):
     """A whole LoRAPlacement object."""
 
     metadata: dict[str, Any]
     spec: LoRAPlacementSpec
     status: LoRAPlacementStatus
-
-    @classmethod
-    def from_object(cls, obj: dict[str, Any]) -> LoRAPlacement:
-        from api.schema import from_dict
-
-        return cls(
-            metadata=dict(obj.get("metadata") or {}),
-            spec=from_dict(LoRAPlacementSpec, obj.get("spec")),
-            status=from_dict(LoRAPlacementStatus, obj.get("status")),
-        )
-
-    @property
-    def name(self) -> str:
-        return str(self.metadata.get("name", ""))
-
-    @property
-    def namespace(self) -> str:
-        return str(self.metadata.get("namespace", ""))
