@@ -1,4 +1,4 @@
-"""Session fixtures for every test: the local control plane, a fresh namespace, a test kubelet.
+"""Session fixtures for every test: the local control plane, the CRDs, a fresh namespace, a test kubelet.
 
 Integration tests (marked `@pytest.mark.integration`) run against a real etcd, kube-apiserver and
 kube-controller-manager. The binaries are built by `hack/build-control-plane.sh` when they are not in
@@ -77,6 +77,22 @@ def api_client(control_plane: ControlPlane) -> Iterator[ApiClient]:
 def _namespace_name(request: pytest.FixtureRequest) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     return f"{base or 't'}-{uuid.uuid4().hex[:6]}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_NAMES = ("loraautoscalers.loraautoscaler.io", "loraplacements.loraautoscaler.io")
+
+
+@pytest.fixture(scope="session")
+def crds(control_plane: ControlPlane) -> None:
+    """The project's CRDs installed as users install them (`kubectl apply -k config/crd`), and served.
+
+    Established means the API server serves the resources, so kubectl and the informers can resolve them.
+    Installed once and never removed: every test that needs them shares the same definitions.
+    """
+    control_plane.kubectl("apply", "-k", str(ROOT / "config" / "crd"))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *[f"crd/{n}" for n in CRD_NAMES],
+                          timeout=90)
 
 
 @pytest.fixture

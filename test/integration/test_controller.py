@@ -25,7 +25,7 @@ from api import labels as L
 from common.kube import KubeClient
 from controller.manager import Controller, Options
 from localkube.controlplane import ControlPlane
-from localkube.kubelet import AddressAllocator, TestKubelet, shared_allocator
+from localkube.kubelet import TestKubelet
 from localkube.podspec import SIM_ARGS_ANNOTATION
 from localkube.wait import wait_until
 
@@ -39,65 +39,8 @@ pytestmark = pytest.mark.integration
 # --- fixtures -----------------------------------------------------------------------------------------
 
 
-def _expand_empty_defaults(node: Any) -> Any:
-    """A schema whose nested objects default to the object of their fields' defaults, not to ``{}``.
-
-    The API server checks each default against the object's CEL rules as written; ``{}`` fails rules that
-    read fields which only nested defaulting would fill in.
-    """
-    if isinstance(node, list):
-        return [_expand_empty_defaults(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _expand_empty_defaults(v) for k, v in node.items()}
-    if out.get("default") == {} and isinstance(out.get("properties"), dict):
-        out["default"] = {k: v["default"] for k, v in out["properties"].items() if "default" in v}
-    return out
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> None:
-    import yaml
-
-    for path in sorted((ROOT / "config" / "crd").glob("loraautoscaler.io_*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        done = control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False)
-        if done.returncode != 0 and "evaluating rule" in done.stderr:
-            control_plane.kubectl("apply", "-f", "-", input=json.dumps(_expand_empty_defaults(doc)))
-        elif done.returncode != 0:
-            raise AssertionError(f"cannot install {path.name}: {done.stderr}")
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                          "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
-
-
-# A /24 on the loopback interface: local like 127/8, but accepted in EndpointSlices (the API server refuses
-# loopback endpoints with a 422). One per test process, so concurrent sessions do not collide.
-POD_NET = f"10.251.{100 + os.getpid() % 150}"
-
-
-@pytest.fixture(scope="module")
-def pod_network() -> Iterator[str]:
-    """A local network whose addresses the API server accepts in EndpointSlices (needs CAP_NET_ADMIN)."""
-    added = subprocess.run(["ip", "addr", "add", f"{POD_NET}.1/24", "dev", "lo"], capture_output=True, text=True,
-                           check=False)
-    if added.returncode != 0 and "File exists" not in added.stderr and "already assigned" not in added.stderr:
-        pytest.fail(f"cannot add {POD_NET}.1/24 to lo for EndpointSlice-valid pod IPs: {added.stderr.strip()}; "
-                    f"run `sudo ip addr add {POD_NET}.1/24 dev lo` once")
-    try:
-        yield f"{POD_NET}.0/24"
-    finally:
-        if added.returncode == 0:
-            subprocess.run(["ip", "addr", "del", f"{POD_NET}.1/24", "dev", "lo"], capture_output=True, check=False)
-
-
 @pytest.fixture
-def kubelet_addresses(pod_network: str) -> AddressAllocator:
-    """The `kubelet` fixture takes pod IPs from `pod_network` (see test/conftest.py)."""
-    return shared_allocator(pod_network)
-
-
-@pytest.fixture
-def controller(control_plane: ControlPlane, namespace: str, crds: None, pod_network: str) -> Iterator[Controller]:
+def controller(control_plane: ControlPlane, namespace: str, crds: None) -> Iterator[Controller]:
     """The controller in-process (in threads), watching the test's namespace."""
     api = control_plane.api_client()
     kube = KubeClient(api)
@@ -534,9 +477,8 @@ def _metric(log: Path, name: str) -> float | None:
     return sum(values) if values else None
 
 
-def test_two_processes_only_the_leader_acts_and_a_killed_leader_hands_over(  # noqa: PLR0917
-    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, pod_network: str,
-    tmp_path: Path,
+def test_two_processes_only_the_leader_acts_and_a_killed_leader_hands_over(
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, tmp_path: Path,
 ) -> None:
     cp = control_plane
     apply(cp, vllm_deployment("llm", namespace, 2))
@@ -582,7 +524,7 @@ def test_two_processes_only_the_leader_acts_and_a_killed_leader_hands_over(  # n
 
 
 def test_the_shipped_rbac_is_enough(
-    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None, pod_network: str
+    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, crds: None
 ) -> None:
     """The controller, holding only config/rbac's rules bound in one namespace, does its whole job."""
     import yaml

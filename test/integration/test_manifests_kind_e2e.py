@@ -42,19 +42,6 @@ def _manifests() -> dict[str, dict[str, Any]]:
     return by_kind
 
 
-def _expand_empty_defaults(node: Any) -> Any:
-    """Nested object defaults spelled out, only so that the CRDs install here if the committed ones are refused
-    (test_manifests.py's dry runs report that separately)."""
-    if isinstance(node, list):
-        return [_expand_empty_defaults(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _expand_empty_defaults(v) for k, v in node.items()}
-    if out.get("default") == {} and isinstance(out.get("properties"), dict):
-        out["default"] = {k: v["default"] for k, v in out["properties"].items() if "default" in v}
-    return out
-
-
 def test_script_parses() -> None:
     done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
@@ -83,16 +70,6 @@ def test_script_installs_what_users_install() -> None:
                 if a.startswith("--namespace=")]
     assert re.search(rf'^NAMESPACE="{followed[0]}"', text, flags=re.M), \
         f"the script's fleet must live where config/default's router looks: {followed}"
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> None:
-    for path in sorted((ROOT / "config" / "crd").glob("loraautoscaler.io_*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        if control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False).returncode != 0:
-            control_plane.kubectl("apply", "-f", "-", input=json.dumps(_expand_empty_defaults(doc)))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                          "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
 
 
 @pytest.fixture

@@ -34,19 +34,6 @@ SAMPLES = sorted((ROOT / "config" / "samples").glob("*.yaml"))
 AUTOSCALER = "LoRAAutoscaler"
 
 
-def _expand_empty_defaults(node: Any) -> Any:
-    """Nested object defaults spelled out, only so that the CRDs can be installed for this test if the
-    committed ones are refused (test_manifests.py's dry runs report that separately)."""
-    if isinstance(node, list):
-        return [_expand_empty_defaults(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _expand_empty_defaults(v) for k, v in node.items()}
-    if out.get("default") == {} and isinstance(out.get("properties"), dict):
-        out["default"] = {k: v["default"] for k, v in out["properties"].items() if "default" in v}
-    return out
-
-
 @dataclass
 class Webhook:
     namespace: str
@@ -79,14 +66,8 @@ def _configurations(name: str, namespace: str, port: int) -> list[dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def webhook(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
+def webhook(control_plane: ControlPlane, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
     cp = control_plane
-    for path in sorted((ROOT / "config" / "crd").glob("loraautoscaler.io_*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        if cp.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False).returncode != 0:
-            cp.kubectl("apply", "-f", "-", input=json.dumps(_expand_empty_defaults(doc)))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-               "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
     suffix = uuid.uuid4().hex[:6]
     namespace, name = f"samples-{suffix}", f"lora-samples-{suffix}"
     port, metrics_port = free_port(), free_port()

@@ -12,7 +12,6 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -34,37 +33,10 @@ EVERYONE = {"selfsubjectaccessreviews.authorization.k8s.io", "selfsubjectrulesre
             "selfsubjectreviews.authentication.k8s.io"}
 
 
-def _expand_empty_defaults(node: Any) -> Any:
-    """Nested object defaults spelled out (``{}`` -> the fields' defaults), as the controller's tests do.
-
-    Only a fallback for installing the CRDs here, so that kubectl can resolve their resources: whether the
-    CRDs install as committed is checked by the dry runs in test_manifests.py.
-    """
-    if isinstance(node, list):
-        return [_expand_empty_defaults(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _expand_empty_defaults(v) for k, v in node.items()}
-    if out.get("default") == {} and isinstance(out.get("properties"), dict):
-        out["default"] = {k: v["default"] for k, v in out["properties"].items() if "default" in v}
-    return out
-
-
-def _install_crds(cp: ControlPlane) -> None:
-    """kubectl resolves `loraautoscalers.loraautoscaler.io` through discovery: the CRDs must be served."""
-    for path in sorted((ROOT / "config" / "crd").glob("loraautoscaler.io_*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        if cp.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False).returncode != 0:
-            cp.kubectl("apply", "-f", "-", input=json.dumps(_expand_empty_defaults(doc)))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-               "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
-
-
 @pytest.fixture(scope="module")
-def rbac(control_plane: ControlPlane) -> Iterator[None]:
+def rbac(control_plane: ControlPlane, crds: None) -> Iterator[None]:
     """Apply the ServiceAccounts and RBAC of config/default for real; remove them afterwards (the Namespace
     stays, other tests may use it)."""
-    _install_crds(control_plane)
     result = control_plane.kubectl("kustomize", str(DEFAULT), check=False)
     assert result.returncode == 0, f"kubectl kustomize config/default failed: {result.stderr.strip()}"
     objs = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] in ("Namespace", *RBAC_KINDS)]

@@ -103,26 +103,6 @@ def _configurations(name: str, port: int, token: str) -> list[dict[str, Any]]:
     return out
 
 
-def _filled(schema: dict[str, Any]) -> dict[str, Any]:
-    """What structural defaulting makes of ``{}`` under ``schema``."""
-    out: dict[str, Any] = {}
-    for name, sub in schema.get("properties", {}).items():
-        if "default" in sub:
-            out[name] = _filled(sub) if sub["default"] == {} and sub.get("type") == "object" else sub["default"]
-    return out
-
-
-def _expand_empty_defaults(node: Any) -> Any:
-    if isinstance(node, list):
-        return [_expand_empty_defaults(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _expand_empty_defaults(v) for k, v in node.items()}
-    if out.get("type") == "object" and out.get("default") == {} and "properties" in out:
-        out["default"] = _filled(out)
-    return out
-
-
 def _wait(what: str, check: Any, deadline_seconds: float, describe: Any = lambda: "") -> Any:
     deadline = time.monotonic() + deadline_seconds
     last: Any = None
@@ -183,20 +163,8 @@ def stop_webhook(running: RunningWebhook) -> None:
 
 
 @pytest.fixture(scope="module")
-def webhook(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWebhook]:
+def webhook(control_plane: Any, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWebhook]:
     """CRDs applied, configurations registered, the webhook process serving and its CA published."""
-    for path in sorted((ROOT / "config" / "crd").glob(f"{v1.GROUP}_*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        done = control_plane.kubectl("apply", "-f", "-", input=orjson.dumps(crd).decode(), check=False)
-        if done.returncode != 0 and "evaluating rule" in done.stderr:
-            # The generated CRD's `default: {}` on objects with CEL rules is refused by the API server
-            # (reported against api/); the expanded default means the same and is accepted.
-            expanded = _expand_empty_defaults(crd)
-            control_plane.kubectl("apply", "-f", "-", input=orjson.dumps(expanded).decode())
-        elif done.returncode != 0:
-            raise AssertionError(f"cannot install {path.name}: {done.stderr}")
-    for plural in (v1.AUTOSCALER_PLURAL, v1.PLACEMENT_PLURAL):
-        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{plural}.{v1.GROUP}", "--timeout=60s")
     token = f"t{uuid.uuid4().hex[:10]}"  # a letter first: YAML never reads it as a number
     name = f"lora-autoscaler-webhook-test-{token}"
     system = f"webhook-system-{token}"
