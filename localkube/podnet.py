@@ -6,6 +6,11 @@ address on the namespace's side of a veth pair (``10.244.N.2`` upward), the host
 the host reaches every pod address directly: the controller and router see what they would see in a
 cluster. Traffic never leaves the machine: the namespace has no other link and no default route.
 
+The whole pod range (10.244.0.0/16) is routed ``unreachable`` on the host, once: the per-network /24s on
+the veths are more specific and win, so a pod address is reachable while its network lives, and a connection
+to one whose network is gone is refused at once (EHOSTUNREACH) instead of following the default route off
+the machine. The route is left in place: it only ever refuses, and concurrent runs share it.
+
 Each network claims its /24 with an advisory lock file (lowest free first), held until teardown or the
 process's death, so networks of concurrent processes never overlap; a /24 that already carries an address
 or a route on the host is skipped. Namespaces left behind by a killed run are removed on the next set-up.
@@ -94,8 +99,16 @@ def remove_stale() -> list[str]:
     return removed
 
 
+def ensure_unreachable_route() -> None:
+    """Route the whole pod range ``unreachable`` on the host (idempotent: `ip route replace`)."""
+    _ip("route", "replace", "unreachable", str(BASE))
+
+
 def _subnets_in_use() -> list[ipaddress.IPv4Network]:
-    """Every IPv4 network the host already has an address in or a route to (the default route excluded)."""
+    """Every IPv4 network the host already has an address in or a route to.
+
+    The default route and our own ``unreachable`` route for the whole pod range are excluded.
+    """
     used = []
     for line in _ip("-4", "-o", "addr", "show", check=False).stdout.splitlines():
         match = re.search(r"inet (\S+)", line)
@@ -103,6 +116,8 @@ def _subnets_in_use() -> list[ipaddress.IPv4Network]:
             used.append(ipaddress.IPv4Interface(match.group(1)).network)
     for line in _ip("-4", "route", "show", "table", "all", check=False).stdout.splitlines():
         words = line.split()
+        if words[:2] == ["unreachable", str(BASE)]:
+            continue
         if words and words[0] in ("local", "broadcast", "unreachable", "blackhole", "prohibit"):
             words = words[1:]
         if words and words[0] != "default":
@@ -178,6 +193,7 @@ class PodNetwork:
             raise PodNetworkError(f"cannot make a pod network: {reason}")
         self._ip_binary = shutil.which("ip") or "ip"
         remove_stale()
+        ensure_unreachable_route()
         chosen = self._claim_subnet()
         self.subnet = chosen
         # Link names follow the claimed /24, so they are unique among live networks (15 characters at most).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +104,34 @@ def test_releasing_one_address_leaves_the_others_reachable():
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_pod_address_whose_network_is_gone_is_refused_on_the_host():
+    # The whole pod range is routed `unreachable`; a live network's /24 on its veth is more specific.
+    with podnet.PodNetwork() as net:
+        ip = net.acquire()
+        whole = subprocess.run(["ip", "-4", "route", "show", "exact", str(podnet.BASE)], check=True,
+                               capture_output=True, text=True).stdout
+        assert whole.split()[:2] == ["unreachable", str(podnet.BASE)], whole
+        assert podnet.BASE not in podnet._subnets_in_use()  # our own route never blocks a claim
+        via = subprocess.run(["ip", "-4", "route", "get", ip], check=True, capture_output=True, text=True).stdout
+        assert "unreachable" not in via and "lkh" in via, via
+        # A duplicate of the claim's descriptor keeps the /24 locked after teardown: no concurrent run can set
+        # it up again while this test looks at it.
+        assert net._claim_fd is not None
+        claim = os.dup(net._claim_fd)
+    try:
+        assert net.namespace not in _listing()
+        route = subprocess.run(["ip", "-4", "route", "get", ip], check=False, capture_output=True, text=True)
+        assert route.returncode != 0 and "No route to host" in route.stderr, route
+        # Refused locally at once, never sent off the machine by the default route (which would time out).
+        started = time.monotonic()
+        with pytest.raises(OSError) as refused, socket.create_connection((ip, 18125), timeout=10):
+            pass
+        assert refused.value.errno == errno.EHOSTUNREACH, refused.value
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(claim)
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # pod addresses are local, never proxied
