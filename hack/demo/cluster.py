@@ -31,6 +31,7 @@ from localkube.wait import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 NAMESPACE = "lora-demo"
+SYSTEM_NAMESPACE = "lora-system"
 AUTOSCALER = "demo"
 POD_SELECTOR = "app.kubernetes.io/name=vllm"
 LOOPBACK = "127.0.0.1"
@@ -69,24 +70,6 @@ def webhook_configurations(port: int) -> list[dict[str, Any]]:
             path = hook["clientConfig"]["service"].get("path", "/")
             hook["clientConfig"] = {"url": f"https://{LOOPBACK}:{port}{path}"}
     return docs
-
-
-def _filled(schema: dict[str, Any]) -> dict[str, Any]:
-    """What structural defaulting makes of ``{}`` under ``schema``."""
-    return {name: _filled(sub) if sub["default"] == {} and sub.get("type") == "object" else sub["default"]
-            for name, sub in (schema.get("properties") or {}).items() if "default" in sub}
-
-
-def expand_empty_defaults(node: Any) -> Any:
-    """A CRD whose object defaults of ``{}`` are replaced by the object their fields' defaults make."""
-    if isinstance(node, list):
-        return [expand_empty_defaults(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: expand_empty_defaults(v) for k, v in node.items()}
-    if out.get("type") == "object" and out.get("default") == {} and "properties" in out:
-        out["default"] = _filled(out)
-    return out
 
 
 def _child_env(kubeconfig: Path) -> dict[str, str]:
@@ -132,6 +115,7 @@ class DemoCluster:
         self.say(f"control plane ready in {cp.startup_seconds:.1f}s at {cp.server}")
         self.kube = KubeClient(cp.api_client())
         cp.kubectl("create", "namespace", NAMESPACE)
+        cp.kubectl("create", "namespace", SYSTEM_NAMESPACE)  # where the webhook keeps its CA, as when installed
 
         self.kubelet = TestKubelet(cp.api_client(), node_name="demo-node", namespace=NAMESPACE,
                                    work_dir=self.logs / "kubelet")
@@ -147,19 +131,9 @@ class DemoCluster:
         self._start_router()
 
     def _install_crds(self) -> None:
-        """`kubectl apply -k config/crd`; if the API server refuses an empty object default that CEL rules read,
-        the same CRDs with those defaults spelt out (what the integration tests do until config/crd is fixed)."""
         assert self.cp is not None
         self.say("kubectl apply -k config/crd")
-        done = self.cp.kubectl("apply", "-k", str(ROOT / "config" / "crd"), check=False)
-        if done.returncode == 0:
-            return
-        if "evaluating rule" not in done.stderr:
-            raise RuntimeError(f"cannot install the CRDs: {done.stderr.strip()}")
-        self.say("  the API server refused `default: {}` under CEL rules; applying the CRDs with those defaults "
-                 "expanded")
-        for path in sorted((ROOT / "config" / "crd").glob("loraautoscaler.io_*.yaml")):
-            self.cp.kubectl("apply", "-f", "-", input=json.dumps(expand_empty_defaults(_load_yaml(path))))
+        self.cp.kubectl("apply", "-k", str(ROOT / "config" / "crd"))
 
     def _spawn(self, name: str, *args: str) -> ManagedProcess:
         assert self.cp is not None
@@ -190,15 +164,13 @@ class DemoCluster:
         self.cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                "items": configurations}))
         proc = self._spawn("webhook", "webhook", "--host", LOOPBACK, "--port", str(port), "--metrics-port", "0",
-                           "--cert-dir", str(cert_dir), "--extra-san", LOOPBACK)
-        context: ssl.SSLContext | None = None
-
-        def ready() -> bool:
-            nonlocal context
-            if context is None:
-                if not (cert_dir / "ca.crt").exists():
-                    return False
+                           "--cert-dir", str(cert_dir), "--extra-san", LOOPBACK,
+                           "--service-namespace", SYSTEM_NAMESPACE)
+        def ready() -> bool:  # the CA file is read each time: a stale one may be there until the webhook replaces it
+            try:
                 context = ssl.create_default_context(cafile=str(cert_dir / "ca.crt"))
+            except (OSError, ssl.SSLError):
+                return False
             return _http_ok(f"https://{LOOPBACK}:{port}/readyz", context)
 
         self._wait_up(proc, "the webhook did not become ready (serving TLS and its CA bundle published)", ready)
@@ -257,8 +229,9 @@ class DemoCluster:
         kube = self.kube
         deployment = deployment_manifest()
         deployment["spec"]["replicas"] = replicas
-        self.say(f"kubectl apply: Deployment vllm ({replicas} replicas: vllm serve base --enable-lora "
-                 "--max-loras=2 --max-cpu-loras=4 --max-num-seqs=16)")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        self.say(f"kubectl apply: Deployment vllm ({replicas} replicas: "
+                 f"{' '.join(container['command'] + container['args'])})")
         self.kubectl_apply(deployment)
 
         def ready_pods() -> list[str] | None:

@@ -210,7 +210,7 @@ def write_plots(out: Path, samples: Sequence[Sample], records: Sequence[RequestR
     bottom.set_xlabel("seconds since the load started")
     handles, labels = axes[0][0].get_legend_handles_labels()
     handles.append(Patch(color="#9aa5b1", alpha=0.45))
-    labels.append("requests/s to the adapter (router, right axis)")
+    labels.append("requests/s to the adapter (router's moving average, right axis)")
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
     fig.suptitle("Replicas per adapter: routable = pods in its EndpointSlice, desired = the LoRAAutoscaler's status",
                  fontsize=11)

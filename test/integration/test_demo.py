@@ -71,7 +71,7 @@ def test_a_short_demo_runs_to_the_end_and_leaves_plots_summary_and_nothing_runni
     assert requests["failed"] <= requests["sent"] * 0.02, requests
     assert [p["name"] for p in summary["phases"]] == ["lora-1 hot", "lora-4 hot", "quiet"]
     for phase in summary["phases"]:
-        assert phase["ok"] > 0 and 500 <= phase["p50_ms"] <= phase["p99_ms"] < 10_000, phase
+        assert phase["ok"] > 0 and 500 <= phase["p50_ms"] <= phase["p99_ms"] < 30_000, phase
     # the hot adapter of each phase got most of that phase's requests
     for phase, hot in zip(summary["phases"][:2], ("lora-1", "lora-4"), strict=True):
         assert phase["by_adapter"][hot]["sent"] > phase["sent"] / 2, phase

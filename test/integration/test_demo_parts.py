@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from hack.demo.cluster import expand_empty_defaults
 from hack.demo.load import RequestRecord, arrivals, phase_at, plan_phases
 from hack.demo.observe import AdapterRow, Sample, build_rows, recent_events, window_means
 from hack.demo.report import format_summary, latency_series, percentile, summarise
@@ -116,11 +115,3 @@ def test_the_screen_shows_every_adapter_and_the_unusual_conditions() -> None:
     assert "Saturated=True (NoFreeSlots)" in screen and "Ready=True " in screen and "AllAdaptersRoutable" not in screen
     assert "p50 1200 ms, p99 1900 ms" in screen
     assert max(len(line) for line in screen.splitlines()) <= 132
-
-
-def test_empty_object_defaults_are_spelt_out() -> None:
-    schema = {"type": "object", "default": {}, "properties": {
-        "a": {"type": "integer", "default": 3},
-        "b": {"type": "object", "default": {}, "properties": {"c": {"type": "string", "default": "x"}}},
-        "d": {"type": "string"}}}
-    assert expand_empty_defaults({"s": schema})["s"]["default"] == {"a": 3, "b": {"c": "x"}}
