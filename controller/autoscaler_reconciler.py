@@ -100,6 +100,7 @@ class AutoscalerReconciler:
         self.saturation_hook = saturation_hook
         self._lock = threading.Lock()
         self._policy: dict[str, policy.PolicyState] = {}
+        self._adapters: dict[str, set[str]] = {}  # autoscaler key -> adapters with metric series
 
     # ---- the sync ---------------------------------------------------------------------------------------
 
@@ -109,12 +110,12 @@ class AutoscalerReconciler:
         obj = rt.autoscalers.get(key)
         if obj is None:
             rt.selectors.forget(key)
-            with self._lock:
-                self._policy.pop(key, None)
+            self._forget(key)
             return None
         now = rt.clock()
         ns, name = key.split("/", 1)
         if (obj.get("metadata") or {}).get("deletionTimestamp"):
+            self._forget(key)
             return self._finalize(key, obj)
         if not self._ensure_finalizer(obj):
             return 1.0
@@ -169,6 +170,7 @@ class AutoscalerReconciler:
 
         placements = self._placements(key)
         current: dict[str, set[str]] = {a: set() for a in adapter_names}
+        current_preferred: dict[str, set[str]] = {a: set() for a in adapter_names}
         avoid: dict[str, set[str]] = {}
         retire: list[_Placement] = []
         for p in placements:
@@ -190,11 +192,18 @@ class AutoscalerReconciler:
             if sp.pod_name not in serving_names:
                 continue  # not ready now: kept, not counted, so the adapter is placed elsewhere meanwhile
             current[sp.adapter].add(sp.pod_name)
+            if sp.preferred:
+                current_preferred[sp.adapter].add(sp.pod_name)
 
+        # Strict mode: every copy is a preferred holder, at most --max-loras per pod. Preferred mode: the
+        # policy sizes the preferred holders within the same batch budget, and copies stay resident up to
+        # --max-cpu-loras per pod as fallback holders (controller.placement.plan_resident).
+        preferred_mode = spec.placement_mode == "preferred"
         capacity = spec.vllm.max_loras_per_replica
-        if spec.placement_mode == "preferred":
-            capacity = spec.vllm.max_cpu_loras_per_replica or capacity
+        resident_capacity = max(capacity, spec.vllm.max_cpu_loras_per_replica or capacity)
+        counted = current_preferred if preferred_mode else current
         routable_now = self._routable(placements, by_name)
+        routable_preferred = self._routable(placements, by_name, preferred_only=True)
         snapshot = None
         sync_view = SyncView(key, auto, target, serving, {a: frozenset(s) for a, s in current.items()},
                              routable_now, spec.vllm.port)
@@ -203,10 +212,18 @@ class AutoscalerReconciler:
                 snapshot = self.load_provider(sync_view, now)
             except Exception as exc:  # a broken signal must not stop placement
                 log.warning("load signal for %s failed: %s", key, exc)
-        loads = {a: (snapshot.per_replica(a, routable_now.get(a, ())) if snapshot else None) for a in adapter_names}
+                snapshot = LoadSnapshot(errors=(str(exc),))
+        signal_holders = routable_preferred if preferred_mode else routable_now
+        loads = {a: (snapshot.per_replica(a, signal_holders.get(a, ())) if snapshot else None) for a in adapter_names}
+        if serving and snapshot is not None and snapshot.errors and not snapshot.outstanding:
+            detail = "; ".join(snapshot.errors[:2])
+            problem_list.append(st.Problem(
+                "LoadSignalUnavailable",
+                f"the load signal ({spec.scaling.metric.source}) is unavailable, so adapters hold their replicas: "
+                f"{detail}"))
         scaling = spec.scaling
         pinput = policy.PolicyInput(
-            adapters=tuple(policy.AdapterLoad(a.name, a.min_replicas, a.max_replicas, len(current[a.name]),
+            adapters=tuple(policy.AdapterLoad(a.name, a.min_replicas, a.max_replicas, len(counted[a.name]),
                                               loads.get(a.name)) for a in spec.adapters),
             pods=len(serving), capacity=capacity,
             scale_up_threshold=scaling.scale_up.threshold, scale_up_window_seconds=scaling.scale_up.window_seconds,
@@ -216,12 +233,29 @@ class AutoscalerReconciler:
         )
         with self._lock:
             state = self._policy.get(key, policy.PolicyState())
+        pod_names = tuple(p.name for p in serving)
+        avoid_sets = {a: frozenset(s) for a, s in avoid.items()}
         try:
             state, decision = policy.decide(state, pinput, now)
-            plan = engine.plan(engine.PlacementInput(
-                pods=tuple(p.name for p in serving), capacity=capacity, adapters=decision.placement_targets(),
-                current={a: frozenset(s) for a, s in current.items()},
-                avoid={a: frozenset(s) for a, s in avoid.items()}, fill_idle_pods=True))
+            if preferred_mode:
+                hot_first = tuple(a for a, _ in sorted(((a, v) for a, v in loads.items() if v is not None),
+                                                       key=lambda item: -item[1]))
+                rplan = engine.plan_resident(engine.ResidentInput(
+                    pods=pod_names, capacity=capacity, resident_capacity=resident_capacity,
+                    adapters=decision.placement_targets(),
+                    preferred={a: frozenset(s) for a, s in current_preferred.items()},
+                    fallback={a: frozenset(current[a] - current_preferred[a]) for a in adapter_names},
+                    avoid=avoid_sets, spare_order=hot_first, max_new_fallback=max(1, len(pod_names))))
+                assignment, adds, removes = rplan.assignment, rplan.add, rplan.remove
+                shortfall_by = dict(rplan.shortfall)
+                tiers = {(a, pod): rplan.is_preferred(a, pod) for a, pods in rplan.assignment.items() for pod in pods}
+            else:
+                plan = engine.plan(engine.PlacementInput(
+                    pods=pod_names, capacity=capacity, adapters=decision.placement_targets(),
+                    current={a: frozenset(s) for a, s in current.items()}, avoid=avoid_sets, fill_idle_pods=True))
+                assignment, adds, removes = plan.assignment, plan.add, plan.remove
+                shortfall_by = dict(plan.shortfall)
+                tiers = {(a, pod): True for a, pods in plan.assignment.items() for pod in pods}
         except (policy.PolicyError, engine.PlacementError) as exc:
             problem_list.append(st.Problem("InvalidSpec", str(exc)))
             self._write_status(obj, auto, st.StatusInput(
@@ -231,15 +265,17 @@ class AutoscalerReconciler:
             return INVALID_RETRY_SECONDS
         with self._lock:
             self._policy[key] = state
+        self._scale_events(obj, ns, name, decision, loads)
 
         # ---- act on the plan ----
         existing = {(p.typed.spec.adapter, p.typed.spec.pod_name): p for p in placements}
-        for adapter, pod_name in plan.add:
+        for adapter, pod_name in adds:
             self._add(obj, auto, existing.get((adapter, pod_name)), adapter=adapter, pod=by_name[pod_name],
-                      errors=errors)
-        for adapter, pod_name in plan.remove:
+                      errors=errors, preferred=tiers.get((adapter, pod_name), True))
+        held_back = keep_routable(removes, routable_now, assignment)
+        for adapter, pod_name in removes:
             gone = existing.get((adapter, pod_name))
-            if gone is not None and not gone.typed.spec.retire:
+            if gone is not None and not gone.typed.spec.retire and (adapter, pod_name) not in held_back:
                 self._retire(gone, f"{adapter} leaves pod {pod_name}", errors)
         for p in retire:
             self._retire(p, f"{p.typed.spec.adapter} leaves pod {p.typed.spec.pod_name}", errors)
@@ -249,13 +285,6 @@ class AutoscalerReconciler:
                 self._patch_placement(p, {"spec": {"source": sources[sp.adapter]}}, errors)
 
         placements = self._placements(key)
-        order = {p.name: i for i, p in enumerate(serving)}
-        tiers = preferred_holders(
-            {a: plan.assignment.get(a, frozenset()) for a in adapter_names},
-            {d.name: d.desired for d in decision.adapters},
-            {(p.typed.spec.adapter, p.typed.spec.pod_name) for p in placements
-             if p.typed.spec.preferred and not p.typed.spec.retire},
-            order, spec.placement_mode == "preferred")
         for p in placements:
             sp = p.typed.spec
             want = tiers.get((sp.adapter, sp.pod_name))
@@ -275,18 +304,20 @@ class AutoscalerReconciler:
             try:
                 note = self.saturation_hook(sync_view, decision, now)
             except Exception as exc:
-                log.warning("saturation hook for %s failed: %s", key, exc)
-                errors.add("pod autoscaling", exc)
-        shortfall = plan.total_shortfall
+                log.warning("pod autoscaling hand-over for %s failed: %s", key, exc)
+                problem_list.append(st.Problem("PodAutoscalingFailed", f"pod autoscaling hand-over: {exc}"))
+        shortfall = sum(shortfall_by.values())
         saturated = decision.saturated or shortfall > 0
         reason_text = decision.reason or (f"{shortfall} adapter cop(ies) could not be placed: "
-                                          + ", ".join(f"{a} ({n})" for a, n in sorted(plan.shortfall.items()))
+                                          + ", ".join(f"{a} ({n})" for a, n in sorted(shortfall_by.items()))
                                           if shortfall else "")
         saturation = st.Saturation(
             saturated=saturated, needed_replicas=decision.needed_pods,
             reason="NoFreeSlots" if saturated else "RoomAvailable",
             message=(reason_text + (f"; {note}" if note else "")) if saturated else
             "replicas have room for the adapters", recommendation=decision.recommendation)
+        metrics.NEEDED_REPLICAS.labels(ns, name).set(decision.needed_pods)
+        metrics.SATURATED.labels(ns, name).set(1 if saturated else 0)
         if errors.errors:
             problem_list.append(st.Problem("ApiErrors", "; ".join(errors.errors[:3])))
         desired = {d.name: d.desired for d in decision.adapters}
@@ -298,6 +329,37 @@ class AutoscalerReconciler:
         if errors.errors:
             return min(sync_period, 2.0)
         return sync_period
+
+    def _scale_events(self, obj: JSON, ns: str, name: str, decision: policy.PolicyDecision,
+                      loads: Mapping[str, float | None]) -> None:
+        """An Event and a counter for every change of an adapter's desired replicas; gauges of the signal."""
+        for e in decision.events:
+            up = e.to_replicas > e.from_replicas
+            metrics.SCALE_EVENTS.labels(ns, name, "up" if up else "down").inc()
+            self.rt.recorder.event(obj, "Normal", "ScaledUp" if up else "ScaledDown",
+                                   f"{e.adapter}: {e.from_replicas} -> {e.to_replicas} replicas ({e.reason})")
+        for d in decision.adapters:
+            metrics.ADAPTER_DESIRED.labels(ns, name, d.name).set(d.desired)
+            load = loads.get(d.name)
+            if load is not None:
+                metrics.ADAPTER_LOAD.labels(ns, name, d.name).set(load)
+        with self._lock:
+            gone = self._adapters.get(f"{ns}/{name}", set()) - {d.name for d in decision.adapters}
+            self._adapters[f"{ns}/{name}"] = {d.name for d in decision.adapters}
+        if gone:
+            metrics.forget_adapters(ns, name, sorted(gone))
+
+    def _forget(self, key: str) -> None:
+        """The autoscaler is gone or going: drop its policy memory, signal source, hand-over memory, series."""
+        with self._lock:
+            self._policy.pop(key, None)
+            adapters = sorted(self._adapters.pop(key, set()))
+        for part in (self.load_provider, self.saturation_hook):
+            forget = getattr(part, "forget", None)
+            if callable(forget):
+                forget(key)
+        ns, name = key.split("/", 1)
+        metrics.forget_autoscaler(ns, name, adapters)
 
     # ---- deletion: unload everything, then let the object go ---------------------------------------------
 
@@ -372,11 +434,14 @@ class AutoscalerReconciler:
         return sorted(out, key=lambda p: p.key)
 
     @staticmethod
-    def _routable(placements: Sequence[_Placement], pods: Mapping[str, PodView]) -> dict[str, list[str]]:
+    def _routable(placements: Sequence[_Placement], pods: Mapping[str, PodView], *,
+                  preferred_only: bool = False) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for p in placements:
             sp = p.typed.spec
             pod = pods.get(sp.pod_name)
+            if preferred_only and not sp.preferred:
+                continue
             if p.typed.status.phase == "Loaded" and not sp.retire and pod is not None and pod.serving \
                     and pod.uid == sp.pod_uid:
                 out.setdefault(sp.adapter, []).append(sp.pod_name)
@@ -385,7 +450,7 @@ class AutoscalerReconciler:
     # ---- placement writes -------------------------------------------------------------------------------
 
     def _add(self, obj: JSON, auto: v1.LoRAAutoscaler, existing: _Placement | None, *, adapter: str, pod: PodView,
-             errors: _SyncErrors) -> None:
+             errors: _SyncErrors, preferred: bool = True) -> None:
         rt = self.rt
         ns = auto.namespace
         name = L.placement_name(auto.name, adapter, pod.name)
@@ -409,7 +474,7 @@ class AutoscalerReconciler:
                 ],
             },
             "spec": {"autoscaler": auto.name, "adapter": adapter, "source": source, "podName": pod.name,
-                     "podUid": pod.uid, "preferred": True, "retire": False},
+                     "podUid": pod.uid, "preferred": preferred, "retire": False},
         }
         try:
             created = rt.kube.create(LORA_PLACEMENTS, body, ns)
@@ -421,7 +486,8 @@ class AutoscalerReconciler:
             return
         metrics.WRITES.labels("loraplacements", "create").inc()
         rt.placements.wrote(created)
-        rt.recorder.event(obj, "Normal", "Placed", f"{adapter} placed on pod {pod.name}")
+        rt.recorder.event(obj, "Normal", "Placed", f"{adapter} placed on pod {pod.name}"
+                          + ("" if preferred else " (fallback holder)"))
 
     def _retire(self, p: _Placement, why: str, errors: _SyncErrors) -> None:
         if self._patch_placement(p, {"spec": {"retire": True}}, errors):
@@ -583,6 +649,29 @@ def preferred_holders(assignment: Mapping[str, frozenset[str]], desired: Mapping
         for i, pod in enumerate(ranked):
             out[(adapter, pod)] = (not preferred_mode) or i < keep
     return out
+
+
+def keep_routable(removes: Sequence[tuple[str, str]], routable: Mapping[str, Sequence[str]],
+                  assignment: Mapping[str, frozenset[str]]) -> set[tuple[str, str]]:
+    """Removals to hold back this sync so that no adapter is left without a routable replica; pure.
+
+    A plan may move an adapter's only copy to another pod (to make room); retiring the old copy at once
+    would take the adapter out of the route table until the new one has loaded. So a removal waits while
+    the adapter would have no routable copy left and a new copy is still on its way; it proceeds on the
+    sync after the new copy is Loaded. Adapters that left the spec are not held back.
+    """
+    by_adapter: dict[str, set[str]] = {}
+    for adapter, pod in removes:
+        by_adapter.setdefault(adapter, set()).add(pod)
+    held: set[tuple[str, str]] = set()
+    for adapter, pods in by_adapter.items():
+        if adapter not in assignment:
+            continue
+        now_routable = set(routable.get(adapter, ()))
+        if now_routable and not (now_routable - pods):
+            keep = sorted(now_routable & pods)[:1]  # one routable copy is enough to bridge the gap
+            held.update((adapter, pod) for pod in keep)
+    return held
 
 
 def _fact(p: _Placement) -> st.PlacementFact:

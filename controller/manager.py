@@ -32,6 +32,8 @@ from common.workqueue import WorkQueue
 from controller import metrics
 from controller.auditor import PodAuditor
 from controller.autoscaler_reconciler import AutoscalerReconciler, LoadProvider, SaturationHook
+from controller.handover import PodAutoscalingHandOver
+from controller.load import RouterInFlightProbe, SpecLoadProvider
 from controller.placement_reconciler import InFlightProbe, PlacementReconciler
 from controller.pods import labels_of, slim_pod, view
 from controller.runtime import (
@@ -75,6 +77,7 @@ class Options:
     retry_period: float = 2.0
     audit_period: float = 3.0
     sync_timeout: float = 60.0
+    autoscaling: bool = True  # load signal, hand-over and router drain probe from each autoscaler's spec
 
 
 class _Term:
@@ -126,9 +129,19 @@ class Controller:
             enqueue_placement=self._enqueue_placement,
         )
         self.resolver = TargetResolver(kube, ttl=self.rt.settings.target_cache_seconds)
+        self._own_load_provider: SpecLoadProvider | None = None
+        if opts.autoscaling:
+            if load_provider is None:
+                load_provider = self._own_load_provider = SpecLoadProvider(self.rt)
+            if saturation_hook is None:
+                saturation_hook = PodAutoscalingHandOver(self.rt)
         self.autoscaler_reconciler = AutoscalerReconciler(self.rt, self.resolver, load_provider=load_provider,
                                                           saturation_hook=saturation_hook)
         self.placement_reconciler = PlacementReconciler(self.rt, in_flight_probe=in_flight_probe)
+        if opts.autoscaling and in_flight_probe is None:
+            # The router's per-pod counts when spec.scaling.metric.routerUrl is set, the pod's own metrics too.
+            self.placement_reconciler.in_flight_probe = RouterInFlightProbe(
+                fallback=self.placement_reconciler.in_flight_probe)
         self._term: _Term | None = None
         self._term_lock = threading.Lock()
         self._elector: Any = None
@@ -172,6 +185,8 @@ class Controller:
             self._lead_thread.join(timeout)
         for inf in self.informers:
             inf.stop()
+        if self._own_load_provider is not None:
+            self._own_load_provider.close()
         close = getattr(self.rt.recorder, "close", None)
         if callable(close):
             close(2.0)

@@ -25,3 +25,44 @@ WRITES = Counter("lora_controller_api_writes_total", "Writes to the API server b
                  ["resource", "verb"])
 LEADER = Gauge("lora_controller_is_leader", "1 while this replica holds the lease")
 AUDITS = Counter("lora_controller_pod_audits_total", "Checks of a pod's /v1/models by outcome", ["outcome"])
+
+# Autoscaling: the load signal, the policy's decisions and the hand-over to pod autoscaling.
+SIGNAL_SECONDS = Histogram(
+    "lora_autoscaler_load_signal_duration_seconds", "Duration of one collect of the load signal", ["source"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SIGNAL_ERRORS = Counter("lora_autoscaler_load_signal_errors_total",
+                        "Failed parts of a load signal collect (a pod, the router, Prometheus)", ["source"])
+ADAPTER_LOAD = Gauge("lora_autoscaler_adapter_load", "The load signal: outstanding requests per replica",
+                     ["namespace", "autoscaler", "adapter"])
+ADAPTER_DESIRED = Gauge("lora_autoscaler_adapter_desired_replicas", "Replicas the policy wants for an adapter",
+                        ["namespace", "autoscaler", "adapter"])
+SCALE_EVENTS = Counter("lora_autoscaler_scale_events_total", "Changes of an adapter's desired replicas",
+                       ["namespace", "autoscaler", "direction"])
+NEEDED_REPLICAS = Gauge("lora_autoscaler_needed_replicas",
+                        "More pods the adapters need: every replica is full and adapters wait (0: none)",
+                        ["namespace", "autoscaler"])
+SATURATED = Gauge("lora_autoscaler_saturated", "1 while every replica is full and adapters still need room",
+                  ["namespace", "autoscaler"])
+HANDOVERS = Counter("lora_autoscaler_handovers_total", "Writes of the hand-over to pod autoscaling",
+                    ["mode", "action"])
+
+
+def forget_autoscaler(namespace: str, autoscaler: str, adapters: list[str] | None = None) -> None:
+    """Drop an autoscaler's series (it was deleted), so dashboards do not show it forever."""
+    for gauge in (NEEDED_REPLICAS, SATURATED):
+        try:
+            gauge.remove(namespace, autoscaler)
+        except KeyError:
+            pass
+    forget_adapters(namespace, autoscaler, adapters or [])
+
+
+def forget_adapters(namespace: str, autoscaler: str, adapters: list[str]) -> None:
+    """Drop the series of adapters that left an autoscaler's spec."""
+    for adapter in adapters:
+        for gauge in (ADAPTER_LOAD, ADAPTER_DESIRED):
+            try:
+                gauge.remove(namespace, autoscaler, adapter)
+            except KeyError:
+                pass

@@ -16,7 +16,8 @@ Rules, in order of application:
 4. Deficit: missing copies go to the least loaded eligible pod (ties: pod order), adapter by adapter
    in spec order. When the free slots cannot hold every missing copy (or some pods must be avoided), in
    rounds instead: every adapter gets its n-th copy before any adapter gets its (n+1)-th, so no adapter
-   is left without a replica while another has several. Only when no eligible
+   is left without a replica while another has several; within a round, copies that fit a free slot
+   are placed before any copy that needs room made. Only when no eligible
    pod has a free slot are existing copies moved (the shortest chain of moves that frees a slot) or an
    extra copy evicted; what still does not fit is ``shortfall``.
 5. Fill: with ``fill_idle_pods`` every pod still empty gets the adapter with the fewest copies.
@@ -32,7 +33,16 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["AdapterTarget", "PlacementError", "PlacementInput", "PlacementPlan", "plan"]
+__all__ = [
+    "AdapterTarget",
+    "PlacementError",
+    "PlacementInput",
+    "PlacementPlan",
+    "ResidentInput",
+    "ResidentPlan",
+    "plan",
+    "plan_resident",
+]
 
 
 class PlacementError(ValueError):
@@ -449,6 +459,14 @@ class _Engine:
         level = min(len(holders[a]) for a in active)
         while active:
             level += 1
+            # Within a round, copies that fit a free slot go first; only then are copies moved to make
+            # room, so a round never pays for a move that a free slot would have made unnecessary.
+            for a in active:
+                if len(holders[a]) < min(level, reachable[a]):
+                    direct = self._least_loaded(a)
+                    if direct:
+                        self._put(a, direct[0])
+                        added = True
             for a in active:
                 if len(holders[a]) < min(level, reachable[a]) and self._place_one(a):
                     added = True
@@ -551,4 +569,173 @@ def plan(inp: PlacementInput) -> PlacementPlan:
         shortfall=shortfall,
         pod_load=dict(zip(pods, engine.load, strict=True)),
         relocations=relocations,
+    )
+
+
+# ---- preferred mode: preferred holders within the batch budget, warm fallback copies around them ----------
+
+
+@dataclass(frozen=True)
+class ResidentInput:
+    """Placement in ``preferred`` mode: two tiers on the same pods.
+
+    The preferred tier is what the scaling policy wants (``adapters``), at most ``capacity`` (vLLM's
+    ``--max-loras``) per pod, exactly as :func:`plan` places it. Around it, every pod keeps adapters
+    resident up to ``resident_capacity`` (``--max-cpu-loras``) as fallback holders the router spills over
+    to. Copies that are resident already are used first: a new preferred holder is a resident copy
+    promoted when one has room (no load at all), a preferred holder given back stays resident as a
+    fallback, and fallback copies stay where they are until their room is needed.
+    """
+
+    pods: tuple[str, ...]
+    capacity: int
+    resident_capacity: int
+    adapters: tuple[AdapterTarget, ...]
+    preferred: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Adapter -> pods where it is a preferred holder now."""
+    fallback: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Adapter -> pods where it is resident as a fallback holder now."""
+    avoid: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    spare_order: tuple[str, ...] = ()
+    """Adapters that should get spare copies first (e.g. hottest first); the rest follow in spec order."""
+    max_new_fallback: int | None = None
+    """At most this many fallback copies are loaded per plan (spreads loads over syncs); None: no bound."""
+
+
+@dataclass(frozen=True)
+class ResidentPlan:
+    """Both tiers and the loads and unloads that reach them."""
+
+    preferred: Mapping[str, frozenset[str]]
+    """Adapter -> its preferred holders."""
+    assignment: Mapping[str, frozenset[str]]
+    """Adapter -> every pod where it should be resident (preferred and fallback)."""
+    add: tuple[tuple[str, str], ...]
+    remove: tuple[tuple[str, str], ...]
+    dropped: tuple[tuple[str, str], ...]
+    shortfall: Mapping[str, int]
+    """Preferred copies wanted but not placeable."""
+    promoted: int = 0
+    """Preferred holders made from copies that were resident already (no load)."""
+
+    @property
+    def total_shortfall(self) -> int:
+        return sum(self.shortfall.values())
+
+    def is_preferred(self, adapter: str, pod: str) -> bool:
+        return pod in self.preferred.get(adapter, frozenset())
+
+
+def plan_resident(inp: ResidentInput) -> ResidentPlan:
+    """Preferred-mode placement; pure and deterministic like :func:`plan`."""
+    if isinstance(inp.resident_capacity, bool) or not isinstance(inp.resident_capacity, int) \
+            or inp.resident_capacity < inp.capacity:
+        raise PlacementError(f"resident_capacity must be an integer >= capacity ({inp.capacity}), "
+                             f"got {inp.resident_capacity!r}")
+    if inp.max_new_fallback is not None and inp.max_new_fallback < 0:
+        raise PlacementError(f"max_new_fallback must be >= 0, got {inp.max_new_fallback!r}")
+    empty: frozenset[str] = frozenset()
+    alive = set(inp.pods)
+    names = [t.name for t in inp.adapters]
+    avoid = {a: inp.avoid.get(a, empty) for a in names}
+
+    def valid(a: str, pods: frozenset[str] | None) -> set[str]:
+        return {p for p in (pods or empty) if p in alive and p not in avoid.get(a, empty)}
+
+    pref_now = {a: valid(a, inp.preferred.get(a)) for a in names}
+    fb_now = {a: valid(a, inp.fallback.get(a)) - pref_now[a] for a in names}
+
+    # 1. Promotions: a missing preferred copy goes first to a pod where the adapter is resident already
+    # and whose batch budget has room (fewest preferred adapters first, then pod order).
+    order = {p: i for i, p in enumerate(inp.pods)}
+    pref_load = dict.fromkeys(inp.pods, 0)
+    for a in names:
+        for p in pref_now[a]:
+            pref_load[p] += 1
+    seeded = {a: set(pref_now[a]) for a in names}
+    promoted = 0
+    for t in inp.adapters:
+        missing = min(t.replicas, len(inp.pods) - len(avoid[t.name])) - len(seeded[t.name])
+        if missing <= 0:
+            continue
+        warm = sorted((p for p in fb_now[t.name] if pref_load[p] < inp.capacity),
+                      key=lambda p: (pref_load[p], order[p]))
+        for p in warm[:missing]:
+            seeded[t.name].add(p)
+            pref_load[p] += 1
+            promoted += 1
+
+    # 2. The preferred tier, as strict mode places it (sticky, even, idle pods filled).
+    tier = plan(PlacementInput(pods=inp.pods, capacity=inp.capacity, adapters=inp.adapters,
+                               current={a: frozenset(s) for a, s in seeded.items()},
+                               avoid={a: s for a, s in avoid.items() if s}, fill_idle_pods=True))
+    preferred = {a: set(tier.assignment.get(a, empty)) for a in names}
+    promoted = sum(len((seeded[a] - pref_now[a]) & preferred[a]) for a in names)
+
+    # 3. Fallback copies: what was resident (preferred or not) and is no longer preferred stays resident
+    # while its pod has room; a pod over its resident capacity drops the copies of adapters with the most
+    # copies first (ties: later spec order).
+    spec_index = {a: i for i, a in enumerate(names)}
+    fallback = {a: (pref_now[a] | fb_now[a]) - preferred[a] for a in names}
+    total = dict.fromkeys(inp.pods, 0)
+    for a in names:
+        for p in preferred[a] | fallback[a]:
+            total[p] += 1
+    for p in inp.pods:
+        excess = total[p] - inp.resident_capacity
+        if excess <= 0:
+            continue
+        here = sorted((a for a in names if p in fallback[a]),
+                      key=lambda a: (-(len(preferred[a]) + len(fallback[a])), -spec_index[a]))
+        for a in here[:excess]:
+            fallback[a].discard(p)
+            total[p] -= 1
+
+    # 4. Spare room: spread fallback copies, the adapter with the fewest resident copies first (ties:
+    # ``spare_order``, then spec order), each on the pod with the most room that lacks it.
+    rank = {a: i for i, a in enumerate(inp.spare_order) if a in spec_index}
+    budget = inp.max_new_fallback
+    if budget is None:
+        budget = len(inp.pods) * inp.resident_capacity
+    heap = [(len(preferred[a]) + len(fallback[a]), rank.get(a, len(rank) + spec_index[a]), a)
+            for a in names if any(t.name == a and t.replicas > 0 for t in inp.adapters)]
+    heapq.heapify(heap)
+    while heap and budget > 0:
+        copies, r, a = heapq.heappop(heap)
+        if copies != len(preferred[a]) + len(fallback[a]):
+            continue  # stale
+        held = preferred[a] | fallback[a]
+        room = [p for p in inp.pods if total[p] < inp.resident_capacity and p not in held
+                and p not in avoid[a]]
+        if not room:
+            continue  # this adapter is resident everywhere it may be
+        p = min(room, key=lambda q: (total[q], order[q]))
+        fallback[a].add(p)
+        total[p] += 1
+        budget -= 1
+        heapq.heappush(heap, (copies + 1, r, a))
+
+    # 5. The difference from what exists.
+    assignment = {a: frozenset(preferred[a] | fallback[a]) for a in names}
+    add: list[tuple[str, str]] = []
+    remove: list[tuple[str, str]] = []
+    dropped: list[tuple[str, str]] = []
+    for a in names:
+        before = set(inp.preferred.get(a, empty)) | set(inp.fallback.get(a, empty))
+        add += [(a, p) for p in assignment[a] - before]
+        for p in before - assignment[a]:
+            (remove if p in alive else dropped).append((a, p))
+    for a in set(inp.preferred) | set(inp.fallback):
+        if a in spec_index:
+            continue
+        for p in set(inp.preferred.get(a, empty)) | set(inp.fallback.get(a, empty)):
+            (remove if p in alive else dropped).append((a, p))
+    return ResidentPlan(
+        preferred={a: frozenset(s) for a, s in preferred.items()},
+        assignment=assignment,
+        add=tuple(sorted(add)),
+        remove=tuple(sorted(set(remove))),
+        dropped=tuple(sorted(set(dropped))),
+        shortfall=dict(tier.shortfall),
+        promoted=promoted,
     )

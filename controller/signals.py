@@ -193,24 +193,68 @@ def estimate_from_waiting_lists(target: PodTarget, sample: PodSample) -> dict[st
 
 
 def parse_router_load(body: bytes) -> dict[str, dict[str, float]]:
-    """The router's ``/router/load`` JSON -> adapter -> pod -> outstanding (in flight + queued)."""
+    """The router's ``/router/load`` JSON -> adapter -> pod -> outstanding requests.
+
+    The router publishes ``models`` (format in ``router/README.md``): per model its requests queued in the
+    router and, per pod, its requests in flight there (pods that left the route table and still finish
+    requests included: that load is real). Base-model entries are skipped. Requests queued in the router
+    (no ready holder) are pressure on the adapter as a whole, kept under the key ``<router-queue>``. The
+    older ``adapters`` shape (per pod ``in_flight`` and ``queued``) is read too.
+    """
     data = json.loads(body)
-    adapters = data.get("adapters") if isinstance(data, dict) else None
-    if not isinstance(adapters, dict):
-        raise ValueError("router load: expected an object with 'adapters'")
+    if not isinstance(data, dict):
+        raise ValueError("router load: expected a JSON object with 'models'")
+    models = data.get("models", data.get("adapters"))
+    if not isinstance(models, dict):
+        raise ValueError("router load: expected an object with 'models'")
     out: dict[str, dict[str, float]] = {}
-    for adapter, entry in adapters.items():
-        pods = entry.get("pods") if isinstance(entry, dict) else None
+    for adapter, entry in models.items():
+        if not isinstance(entry, dict) or entry.get("base") is True:
+            continue
+        pods = entry.get("pods")
         per_pod: dict[str, float] = {}
         if isinstance(pods, dict):
             for pod, counts in pods.items():
                 if isinstance(counts, dict):
-                    per_pod[str(pod)] = float(counts.get("in_flight", 0) or 0) + float(counts.get("queued", 0) or 0)
-        queued = float(entry.get("queued", 0) or 0) if isinstance(entry, dict) else 0.0
+                    value = _number(counts.get("in_flight")) + _number(counts.get("queued"))
+                    per_pod[str(pod)] = per_pod.get(str(pod), 0.0) + value
+        queued = _number(entry.get("queued"))
         if queued:  # waiting in the router for any holder: pressure on the adapter as a whole
-            per_pod["<router-queue>"] = per_pod.get("<router-queue>", 0.0) + queued
+            per_pod[ROUTER_QUEUE] = per_pod.get(ROUTER_QUEUE, 0.0) + queued
         out[str(adapter)] = per_pod
     return out
+
+
+ROUTER_QUEUE = "<router-queue>"
+
+
+def _number(value: object) -> float:
+    """A count from JSON; anything that is not a finite non-negative number counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return float(value)
+
+
+def router_in_flight(body: bytes, adapter: str, pod: str) -> bool | None:
+    """From ``/router/load``: does the router still send ``adapter`` to ``pod``, or have requests there?
+
+    True while the router lists the pod as a routable holder (it has not seen the drain yet) or has
+    requests of the adapter in flight on it; False when neither; None when the document is unreadable.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        return None
+    entry = models.get(adapter)
+    if not isinstance(entry, dict):
+        return False  # the router knows no such model: nothing of it is in flight anywhere
+    counts = (entry.get("pods") or {}).get(pod) if isinstance(entry.get("pods"), dict) else None
+    if not isinstance(counts, dict):
+        return False
+    return bool(counts.get("routable")) or _number(counts.get("in_flight")) > 0
 
 
 # --- sources (I/O at the edge) ----------------------------------------------------------------------
