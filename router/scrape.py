@@ -80,7 +80,10 @@ def _split_sample(line: str) -> tuple[dict[str, str], float]:
         rest = line.split()[1:]
     if not rest:
         raise ValueError(f"sample without value: {line[:80]!r}")
-    return labels, float(rest[0])
+    value = float(rest[0])
+    if not math.isfinite(value):  # NaN or infinity would poison every cost compared with it
+        raise ValueError(f"sample value is not finite: {line[:80]!r}")
+    return labels, value
 
 
 def _names(value: str) -> frozenset[str]:
@@ -204,7 +207,8 @@ class Scraper:
             ) as resp:
                 if resp.status != 200:
                     raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-                text = await resp.text()
+                # Bytes, not resp.text(): a page that is not UTF-8 must count as garbage, not end the round.
+                text = (await resp.read()).decode("utf-8", errors="replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
             n = self._failures.get(address, 0) + 1
             self._failures[address] = n
