@@ -147,19 +147,44 @@ def parse(text: str | None) -> Selector:
     return Selector(tuple(reqs))
 
 
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _check_key(key: str) -> str:
+    prefix, _, name = key.rpartition("/")
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name) or (
+            "/" in key and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))):
+        raise SelectorError(f"{key!r} is not a valid label key (an optional DNS prefix and '/', then at most 63 "
+                            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)")
+    return key
+
+
+def _check_value(key: str, value: str) -> str:
+    if len(value) > 63 or not _LABEL_NAME.match(value):
+        raise SelectorError(f"{value!r} (for {key!r}) is not a valid label value (at most 63 letters, digits, '-', "
+                            "'_' or '.', starting and ending with a letter or digit): no pod can carry it")
+    return value
+
+
 def from_label_selector(sel: Mapping[str, Any] | None) -> Selector:
-    """A structured ``LabelSelector`` (``matchLabels``/``matchExpressions``); None selects everything."""
+    """A structured ``LabelSelector`` (``matchLabels``/``matchExpressions``); None selects everything.
+
+    Keys and values are checked as the API server checks a pod's labels: a value no pod can carry would
+    otherwise select nothing, silently.
+    """
     if not sel:
         return EVERYTHING
     reqs: list[Requirement] = []
     for key, value in sorted((sel.get("matchLabels") or {}).items()):
-        reqs.append(Requirement(str(key), "Equals", frozenset({str(value)})))
+        reqs.append(Requirement(_check_key(str(key)), "Equals", frozenset({_check_value(str(key), str(value))})))
     for expr in sel.get("matchExpressions") or []:
         op = expr.get("operator")
         if op not in _OPS[:4]:
             raise SelectorError(f"unknown selector operator {op!r} (expected In, NotIn, Exists, DoesNotExist)")
-        values = frozenset(str(v) for v in expr.get("values") or [])
+        key = _check_key(str(expr.get("key")))
+        values = frozenset(_check_value(key, str(v)) for v in expr.get("values") or [])
         if op in ("In", "NotIn") and not values:
             raise SelectorError(f"selector operator {op} on {expr.get('key')!r} needs values")
-        reqs.append(Requirement(str(expr.get("key")), op, values))
+        reqs.append(Requirement(key, op, values))
     return Selector(tuple(reqs))
