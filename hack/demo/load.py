@@ -55,9 +55,10 @@ def plan_phases(
     hot_rate: float = 10.0,
     background_rate: float = 0.4,
 ) -> list[Phase]:
-    """Three phases: the first hot adapter, then the second, then quiet (only the background trickle).
+    """Three phases: the first hot adapter, then the second, then quiet (half the background trickle).
 
-    The quiet phase is the longest share of short runs too, so a scale-down window can pass in it.
+    The quiet phase is the longest, so two scale-down windows can pass in it; its lower rate makes bursts
+    that look like load (and rightly hold a replica) rarer.
     """
     if duration <= 0:
         raise ValueError(f"duration must be positive, got {duration}")
@@ -68,7 +69,7 @@ def plan_phases(
     names = [f"{hot[0]} hot", f"{hot[1]} hot", "quiet"]
     phases = []
     for i, name in enumerate(names):
-        rates = {a: background_rate for a in adapters}
+        rates = {a: background_rate if i < len(hot) else background_rate / 2 for a in adapters}
         if i < len(hot):
             rates[hot[i]] = hot_rate
         phases.append(Phase(name, cuts[i], cuts[i + 1], rates))

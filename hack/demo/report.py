@@ -17,6 +17,7 @@ from hack.demo.observe import Sample
 
 LATENCY_BIN_SECONDS = 5.0
 PHASE_COLOURS = ("#fde8d7", "#dcebf7", "#eeeeee", "#e6f2e0")
+SATURATED_COLOUR = "#e03131"
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -70,6 +71,22 @@ def condition_changes(samples: Sequence[Sample]) -> list[dict[str, Any]]:
                 out.append({"t": round(s.t, 1), "type": ctype, "status": status, "reason": reason,
                             "message": message})
                 last[ctype] = status
+    return out
+
+
+def true_intervals(samples: Sequence[Sample], ctype: str) -> list[tuple[float, float]]:
+    """The stretches of time (start, end) during which a condition was True, from sample to sample."""
+    out: list[tuple[float, float]] = []
+    start: float | None = None
+    for s in samples:
+        holds = s.conditions.get(ctype, ("",))[0] == "True"
+        if holds and start is None:
+            start = s.t
+        elif not holds and start is not None:
+            out.append((start, s.t))
+            start = None
+    if start is not None and samples:
+        out.append((start, samples[-1].t))
     return out
 
 
@@ -187,6 +204,7 @@ def write_plots(out: Path, samples: Sequence[Sample], records: Sequence[RequestR
     top = max([1, *(max(r.routable, r.desired or 0) for s in samples for r in s.adapters)]) + 1
     top_rate = max([1.0, *(r.rate for s in samples for r in s.adapters)]) * 1.15
     ts = [s.t for s in samples]
+    saturated = true_intervals(samples, "Saturated")
     for i, adapter in enumerate(adapters):
         ax = axes[i][0]
         rows = [next(r for r in s.adapters if r.name == adapter) for s in samples]
@@ -201,6 +219,8 @@ def write_plots(out: Path, samples: Sequence[Sample], records: Sequence[RequestR
         ax.step(ts, [r.routable for r in rows], where="post", color="#1f5fa8", lw=2.2, label="routable replicas")
         ax.step(ts, [r.desired if r.desired is not None else math.nan for r in rows], where="post", color="#d9480f",
                 lw=1.3, ls="--", label="desired replicas")
+        for begin, finish in saturated:
+            ax.axvspan(begin, max(finish, begin + 0.5), color=SATURATED_COLOUR, alpha=0.35, lw=0)
         ax.set_ylim(0, top)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(adapter, fontsize=10, rotation=0, ha="right", va="center", fontweight="bold")
@@ -210,8 +230,11 @@ def write_plots(out: Path, samples: Sequence[Sample], records: Sequence[RequestR
     bottom.set_xlabel("seconds since the load started")
     handles, labels = axes[0][0].get_legend_handles_labels()
     handles.append(Patch(color="#9aa5b1", alpha=0.45))
-    labels.append("requests/s to the adapter (router's moving average, right axis)")
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    labels.append("requests/s (router, right axis)")
+    if saturated:
+        handles.append(Patch(color=SATURATED_COLOUR, alpha=0.35))
+        labels.append("Saturated (no free LoRA slot)")
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle("Replicas per adapter: routable = pods in its EndpointSlice, desired = the LoRAAutoscaler's status",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0.035, 1, 1))

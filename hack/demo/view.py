@@ -48,8 +48,10 @@ def short_pod(name: str) -> str:
 def render(sample: Sample, progress: Progress, phases: Sequence[Phase], autoscaler: str) -> str:
     """The whole screen as text (pure)."""
     phase = phases[progress.phase]
-    hot = [a for a, r in phase.rates.items() if r == max(phase.rates.values())] if phase.name != "quiet" else []
-    rates = f" ({', '.join(hot)} at {phase.rates[hot[0]]:g} req/s, others {min(phase.rates.values()):g})" if hot else ""
+    top, low = max(phase.rates.values()), min(phase.rates.values())
+    hot = [a for a, r in phase.rates.items() if r == top]
+    rates = (f" ({', '.join(hot)} at {top:g} req/s, others {low:g})" if top > low
+             else f" (every adapter at {top:g} req/s)")
     lines = [
         f"LoRA autoscaler demo   t={progress.elapsed:5.0f}s of {progress.duration:.0f}s   "
         f"phase {progress.phase + 1}/{len(phases)}: {phase.name}{rates}",

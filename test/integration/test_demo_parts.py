@@ -12,7 +12,7 @@ import pytest
 
 from hack.demo.load import RequestRecord, arrivals, phase_at, plan_phases
 from hack.demo.observe import AdapterRow, Sample, build_rows, recent_events, window_means
-from hack.demo.report import format_summary, latency_series, percentile, summarise
+from hack.demo.report import format_summary, latency_series, percentile, summarise, true_intervals
 from hack.demo.view import Progress, render
 
 ADAPTERS = [f"lora-{i}" for i in range(1, 7)]
@@ -24,7 +24,7 @@ def test_the_plan_moves_the_hot_adapter_and_ends_quiet() -> None:
     assert phases[0].start == 0 and phases[-1].end == 150
     assert all(a.end == b.start for a, b in itertools.pairwise(phases))
     assert phases[0].rates["lora-1"] == 10 and phases[1].rates["lora-4"] == 10
-    assert set(phases[2].rates.values()) == {0.5}
+    assert set(phases[2].rates.values()) == {0.25}
     plan = arrivals(phases, seed=3)
     assert plan == sorted(plan) and plan == arrivals(phases, seed=3)
     assert all(phases[i].start <= t < phases[i].end for t, _, i in plan)
@@ -97,6 +97,7 @@ def test_the_summary_counts_what_was_recorded() -> None:
     assert summary["routable_replicas"]["lora-1"] == {"min": 1, "max": 2}
     saturated = [(c["t"], c["status"]) for c in summary["conditions"] if c["type"] == "Saturated"]
     assert saturated == [(0, "False"), (3, "True"), (9, "False")]
+    assert true_intervals(samples, "Saturated") == [(3, 9)] and true_intervals(samples[:4], "Saturated") == [(3, 3)]
     text = format_summary(summary)
     assert "102 sent, 100 ok, 2 failed" in text and "1s: 1->2" in text and "3s Saturated=True" in text
     series = latency_series(records, 30, bin_seconds=5)
