@@ -32,6 +32,7 @@ from controller.selectors import Selector, SelectorError, from_label_selector
 from controller.signals import LoadSnapshot
 from controller.store import Store, key_of
 from controller.target import Target, TargetError, TargetResolver
+from controller.timeutil import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,8 @@ class AutoscalerReconciler:
             else:
                 plan = engine.plan(engine.PlacementInput(
                     pods=pod_names, capacity=capacity, adapters=decision.placement_targets(),
-                    current={a: frozenset(s) for a, s in current.items()}, avoid=avoid_sets, fill_idle_pods=True))
+                    current={a: frozenset(s) for a, s in current.items()}, avoid=avoid_sets, fill_idle_pods=True,
+                    since=_placed_since(placements, current)))
                 assignment, adds, removes = plan.assignment, plan.add, plan.remove
                 shortfall_by = dict(plan.shortfall)
                 tiers = {(a, pod): True for a, pods in plan.assignment.items() for pod in pods}
@@ -672,6 +674,20 @@ def keep_routable(removes: Sequence[tuple[str, str]], routable: Mapping[str, Seq
             keep = sorted(now_routable & pods)[:1]  # one routable copy is enough to bridge the gap
             held.update((adapter, pod) for pod in keep)
     return held
+
+
+def _placed_since(placements: Sequence[_Placement], current: Mapping[str, set[str]]) -> dict[str, dict[str, float]]:
+    """Adapter -> pod -> when the copy was created, for the copies placement counts (so it knows which copy
+    came first and which ones scale-ups added)."""
+    out: dict[str, dict[str, float]] = {}
+    for p in placements:
+        sp = p.typed.spec
+        if sp.retire or sp.pod_name not in current.get(sp.adapter, ()):
+            continue
+        created = parse_time(p.typed.metadata.get("creationTimestamp"))
+        if created is not None:
+            out.setdefault(sp.adapter, {})[sp.pod_name] = created
+    return out
 
 
 def _fact(p: _Placement) -> st.PlacementFact:

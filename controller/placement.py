@@ -73,6 +73,10 @@ class PlacementInput:
     """Adapter -> pods where it must not go (its load failed there for good)."""
     fill_idle_pods: bool = True
     """Give every otherwise empty pod one adapter, so no replica sits idle."""
+    since: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Adapter -> pod -> when that copy was placed (optional). With ``fill_idle_pods``, an adapter's
+    oldest copy counts toward its target even when it is alone on its pod, so a scale-down removes the
+    copies that scale-ups added rather than keeping them beside the first."""
 
 
 @dataclass(frozen=True)
@@ -246,10 +250,16 @@ class _Engine:
             if len(held) <= target:
                 continue
             # With fill on, copies alone on their pod are extras kept to avoid idle pods; the copies
-            # that share a pod are the ones that count against the target.
+            # that share a pod are the ones that count against the target, and so does the adapter's
+            # oldest copy (when known) wherever it is.
             keep_alone = self.fill and target > 0
             candidates = [p for p in held if load[p] >= 2] if keep_alone else list(held)
-            excess = len(candidates) - target
+            counted = len(candidates)
+            if keep_alone:
+                home = self._home(a)
+                if home is not None and home in held and load[home] < 2:
+                    counted += 1
+            excess = min(counted - target, len(candidates))
             if excess <= 0:
                 continue
             candidates.sort(key=lambda p: (load[p], p), reverse=True)
@@ -257,6 +267,15 @@ class _Engine:
                 self._take(a, p)
             removed = True
         return removed
+
+    def _home(self, a: int) -> int | None:
+        """The pod of the adapter's oldest current copy (ties: pod order), when placement times are known."""
+        times = self.inp.since.get(self.inp.adapters[a].name)
+        if not times:
+            return None
+        known = [(t, self.pod_index[p]) for p, t in times.items() if p in self.pod_index
+                 and self.pod_index[p] in self.original[a]]
+        return min(known)[1] if known else None
 
     def _least_loaded(self, a: int, k: int = 1) -> list[int]:
         """Up to ``k`` distinct eligible pods with a free slot, fewest adapters first (ties: pod order).
