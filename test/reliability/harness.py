@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_MODEL = "tiny"
+APP_LABEL = "app"
 VLLM_PORT = 8000
 LEASE_NAME = "lora-autoscaler-controller"
 CRD_NAMES = ("loraautoscalers.loraautoscaler.io", "loraplacements.loraautoscaler.io")

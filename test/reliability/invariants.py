@@ -181,7 +181,9 @@ class InvariantChecker:
         return self
 
     def stop(self) -> Tally:
-        """Stop watching; one last read of the simulators' counters first. Returns the tally."""
+        """Stop watching (once); one last read of the simulators' counters first. Returns the tally."""
+        if self._stop.is_set():
+            return self.tally
         with contextlib.suppress(Exception):
             self._poll_sims()
         self._stop.set()
