@@ -79,6 +79,11 @@ def test_a_short_demo_runs_to_the_end_and_leaves_plots_summary_and_nothing_runni
     assert set(summary["lora_calls"]["loads"]) == set(ADAPTERS), summary["lora_calls"]
     assert all(summary["final"][a]["routable_pods"] for a in ADAPTERS), summary["final"]
     assert set(summary["scale_events"]) == set(ADAPTERS)
+    # each hot adapter gained a replica in its phase, seen in the status and in the route table
+    for phase, hot in zip(summary["phases"][:2], ("lora-1", "lora-4"), strict=True):
+        ups = [e for e in summary["scale_events"][hot] if e["to"] > e["from"]]
+        assert ups and phase["start"] <= ups[0]["t"] <= phase["end"] + 5, (hot, summary["scale_events"][hot])
+        assert summary["routable_replicas"][hot]["max"] >= 2, summary["routable_replicas"]
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in summary["conditions"])
     assert_all_stopped(summary)
 
