@@ -33,16 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of load (three phases); set-up adds about half a minute (default 150)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for plots, summary and logs (default out/demo-<timestamp>)")
-    parser.add_argument("--replicas", type=int, default=4, help="vLLM replicas (default 4)")
+    parser.add_argument("--replicas", type=int, default=4, help="vLLM replicas, 3 to 8 (default 4)")
     parser.add_argument("--hot-rate", type=float, default=10.0, help="requests/s to the hot adapter (default 10)")
     parser.add_argument("--background-rate", type=float, default=0.4,
-                        help="requests/s to every other adapter (default 0.4)")
+                        help="requests/s to every other adapter (default 0.4; half that in the quiet phase)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the request arrival times")
     args = parser.parse_args(argv)
     if not 20 <= args.duration <= 3600:
         parser.error(f"--duration must be between 20 and 3600 seconds, got {args.duration:g}")
-    if not 2 <= args.replicas <= 8:
-        parser.error(f"--replicas must be between 2 and 8, got {args.replicas}")
+    if not 3 <= args.replicas <= 8:
+        parser.error(f"--replicas must be between 3 (6 adapters, 2 LoRA slots a replica) and 8, got {args.replicas}")
     if not 0 < args.hot_rate <= 50:
         parser.error(f"--hot-rate must be above 0 and at most 50 requests/s, got {args.hot_rate:g}")
     if not 0 <= args.background_rate <= args.hot_rate:
