@@ -24,8 +24,11 @@ from router.routes import RouteTable
 
 LOAD_FORMAT_VERSION = 1
 
+# Dense between 0.5 s and 5 s, where LLM requests' first bytes and short completions land, so that
+# quantiles estimated from the buckets are not off by a whole bucket.
 _LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0,
+    20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 320.0, 640.0,
 )  # fmt: skip
 
 
