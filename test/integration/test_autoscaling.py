@@ -141,6 +141,24 @@ def router(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Itera
         proc.stop()
 
 
+@dataclass
+class Stack:
+    """Everything a routed test uses: the control plane, its namespace, a client, the router."""
+
+    cp: ControlPlane
+    namespace: str
+    kube: KubeClient
+    router: Router
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest, control_plane: ControlPlane, namespace: str, kube: KubeClient) -> Stack:
+    """The kubelet runs the pods, the controller and the router are up."""
+    request.getfixturevalue("kubelet")
+    request.getfixturevalue("controller")
+    return Stack(control_plane, namespace, kube, request.getfixturevalue("router"))
+
+
 # --- helpers ------------------------------------------------------------------------------------------
 
 
@@ -326,6 +344,8 @@ class Load:
     workers: dict[str, int]
     pause: dict[str, float] = field(default_factory=dict)
     max_tokens: int = 10
+    stagger: float = 0.0
+    """Seconds between the first requests of one adapter's workers, so their requests do not all end at once."""
     results: list[tuple[str, int, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -334,14 +354,15 @@ class Load:
     def start(self) -> Load:
         for adapter, n in self.workers.items():
             for i in range(n):
-                t = threading.Thread(target=self._loop, args=(adapter,), name=f"load-{adapter}-{i}", daemon=True)
+                t = threading.Thread(target=self._loop, args=(adapter, i), name=f"load-{adapter}-{i}", daemon=True)
                 self.threads.append(t)
                 t.start()
         return self
 
-    def _loop(self, adapter: str) -> None:
+    def _loop(self, adapter: str, index: int) -> None:
         body = json.dumps({"model": adapter, "prompt": "hello there", "max_tokens": self.max_tokens}).encode()
         conn: http.client.HTTPConnection | None = None
+        self.stop.wait(index * self.stagger)
         while not self.stop.is_set():
             try:
                 if conn is None:
@@ -386,11 +407,8 @@ def events(kube: KubeClient, namespace: str) -> list[dict[str, Any]]:
 # --- 1. scale up and down on a skewed load ------------------------------------------------------------------
 
 
-def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(
-    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, controller: Controller, router: Router,
-    kube: KubeClient,
-) -> None:
-    cp = control_plane
+def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(stack: Stack) -> None:
+    cp, namespace, kube, router = stack.cp, stack.namespace, stack.kube, stack.router
     adapters = ["lora-1", "lora-2", "lora-3"]
     apply(cp, deployment("llm", namespace, 3, max_loras=2))
     wait_until(lambda: len(pod_ips(kube, namespace)) == 3, timeout=60, what="3 ready simulator pods")
@@ -446,11 +464,8 @@ def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(
 # --- 2. saturation and the hand-over to the HPA -------------------------------------------------------------
 
 
-def test_saturation_raises_the_hpas_minimum_and_the_new_pod_gets_the_hot_adapter(
-    control_plane: ControlPlane, namespace: str, kubelet: TestKubelet, controller: Controller, router: Router,
-    kube: KubeClient,
-) -> None:
-    cp = control_plane
+def test_saturation_raises_the_hpas_minimum_and_the_new_pod_gets_the_hot_adapter(stack: Stack) -> None:
+    cp, namespace, kube, router = stack.cp, stack.namespace, stack.kube, stack.router
     adapters = ["lora-1", "lora-2"]
     apply(cp, deployment("llm", namespace, 2, max_loras=1))
     # An HPA on CPU: no metrics server here, so it can never compute a recommendation; it still enforces
@@ -533,8 +548,13 @@ def test_the_waiting_lora_adapters_source_sees_busy_adapters_and_not_starved_one
     assert where["lora-1"] == where["lora-3"] != where["lora-2"], where  # the even dispatch
     ips = pod_ips(kube, namespace)
     first = ips[where["lora-1"]]
-    load = Load(first, 8000, {"lora-1": 8, "lora-3": 2}).start()  # straight to the pod: no router here
+    # Straight to the pod (no router here). lora-1's clients are staggered so that one of its requests is
+    # always running: vLLM then keeps admitting lora-1 and defers lora-3, which arrives once lora-1 runs.
+    load = Load(first, 8000, {"lora-1": 8}, stagger=0.06).start()
+    starved = Load(first, 8000, {"lora-3": 2})
     try:
+        time.sleep(1.0)
+        starved.start()
         def scraped() -> tuple[Any, str] | None:
             text = _get_text(first, 8000, "/metrics")
             sample = parse_vllm_metrics(text, time.time())
@@ -552,8 +572,10 @@ def test_the_waiting_lora_adapters_source_sees_busy_adapters_and_not_starved_one
         time.sleep(3.0)  # several syncs with lora-3 still starved on the first pod
         lora3 = adapter_status(kube, namespace, "lora-3")
         assert lora3["desiredReplicas"] == 1 and lora3["load"] == 0.0, lora3
-        assert parse_vllm_metrics(_get_text(first, 8000, "/metrics"), time.time()).deferred >= 1 or \
-            load.count("lora-3") < load.count("lora-1")
+        assert parse_vllm_metrics(_get_text(first, 8000, "/metrics"), time.time()).deferred >= 1
+        assert starved.count("lora-3") == 0  # not one lora-3 request has finished meanwhile
     finally:
         load.finish()
-    assert load.failures() == [], load.failures()[:5]
+        starved.finish()
+    assert load.failures() == [] and starved.failures() == [], (load.failures() + starved.failures())[:5]
+    assert starved.count("lora-3") > 0  # once lora-1's clients stopped, lora-3 was served
