@@ -196,12 +196,16 @@ class AutoscalerReconciler:
             if sp.preferred:
                 current_preferred[sp.adapter].add(sp.pod_name)
 
-        # Strict mode: every copy is a preferred holder, at most --max-loras per pod. Preferred mode: the
-        # policy sizes the preferred holders within the same batch budget, and copies stay resident up to
-        # --max-cpu-loras per pod as fallback holders (controller.placement.plan_resident).
+        # Strict mode: every copy is a preferred holder, at most --max-loras per pod. Preferred mode: adapters
+        # are resident on up to --max-cpu-loras per pod; the policy sizes the preferred holders within that,
+        # and the resident copies beyond them are fallback holders the router spills over to
+        # (controller.placement.plan_resident). Which of a pod's adapters run at once is the router's choice
+        # (it sees each pod's LoRA budget), so the preferred tier is not held to --max-loras per pod: with
+        # as many adapters as batch slots, that would leave the policy no room at all.
         preferred_mode = spec.placement_mode == "preferred"
-        capacity = spec.vllm.max_loras_per_replica
-        resident_capacity = max(capacity, spec.vllm.max_cpu_loras_per_replica or capacity)
+        resident_capacity = max(spec.vllm.max_loras_per_replica,
+                                spec.vllm.max_cpu_loras_per_replica or spec.vllm.max_loras_per_replica)
+        capacity = resident_capacity if preferred_mode else spec.vllm.max_loras_per_replica
         counted = current_preferred if preferred_mode else current
         routable_now = self._routable(placements, by_name)
         routable_preferred = self._routable(placements, by_name, preferred_only=True)

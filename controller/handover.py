@@ -145,6 +145,8 @@ class PodAutoscalingHandOver:
         spec = auto.spec
         pa = spec.pod_autoscaling
         capacity = spec.vllm.max_loras_per_replica
+        if spec.placement_mode == "preferred":  # the policy's slots in preferred mode (see the reconciler)
+            capacity = max(capacity, spec.vllm.max_cpu_loras_per_replica or capacity)
         pods = len(view.pods)
         hold = pods_to_hold(decision, pods, capacity)
         waiting = decision.needed_pods > 0

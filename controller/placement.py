@@ -598,8 +598,9 @@ def plan(inp: PlacementInput) -> PlacementPlan:
 class ResidentInput:
     """Placement in ``preferred`` mode: two tiers on the same pods.
 
-    The preferred tier is what the scaling policy wants (``adapters``), at most ``capacity`` (vLLM's
-    ``--max-loras``) per pod, exactly as :func:`plan` places it. Around it, every pod keeps adapters
+    The preferred tier is what the scaling policy wants (``adapters``), at most ``capacity`` per pod,
+    exactly as :func:`plan` places it (the controller passes ``--max-cpu-loras`` for both capacities: which
+    of a pod's adapters share its batch is the router's choice). Around it, every pod keeps adapters
     resident up to ``resident_capacity`` (``--max-cpu-loras``) as fallback holders the router spills over
     to. Copies that are resident already are used first: a new preferred holder is a resident copy
     promoted when one has room (no load at all), a preferred holder given back stays resident as a
