@@ -17,6 +17,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,32 +140,49 @@ def _settle(s: Stack, timeout: float = 60.0) -> None:
 # ---- 1. the controller killed --------------------------------------------------------------------------
 
 
+def _in_progress(checker: InvariantChecker) -> dict[str, int]:
+    return {p: n for p, n in _phases(checker).items() if not p.startswith("Loaded") or "retiring" in p}
+
+
 def controller_kills(env: Env, kills: int = 8, seed: int = 7) -> Tally:
     """SIGKILL the leading controller at random moments while loads and drains run; a standby takes over.
 
-    Each round changes the spec (two adapters go from one replica to two, or back), waits a random
-    0-1.5 s so the kill lands while the loads or drains it started are under way, kills the leader
-    (SIGKILL: no lease release) and starts a new standby. Then the system must settle with nothing lost
-    or duplicated and every adapter at its minimum.
+    Each round changes the spec so that work starts: an extra adapter with two replicas is added (two
+    loads, about a second each) or removed again (two drains and unloads). The kill waits until the checker
+    sees that work under way, then a random 0-0.8 s more, kills the leader (SIGKILL: no lease release) and
+    starts a new standby. The placement phases seen at each kill are noted. Then the system must settle with
+    nothing lost or duplicated and every adapter at its minimum.
     """
     rng = random.Random(seed)
     base = [("lora-1", 1), ("lora-2", 1), ("lora-3", 1), ("lora-4", 1)]
     adapters = [a for a, _ in base]
     with stack(env, "controller SIGKILL", base, replicas=3, max_loras=2, load_adapters=adapters,
-               sim_args="--sim-load-time 0.3", drain_timeout=3) as s:
-        busy = 0
+               sim_args="--sim-load-time 1.0", drain_timeout=3) as s:
+        hit: Counter[str] = Counter()
         for i in range(kills):
-            wanted = 2 if i % 2 == 0 else 1
-            spec = [(a, wanted if a in ("lora-1", "lora-2") else m) for a, m in base]
+            extra = f"extra-{i // 2}"
+            if i % 2 == 0:
+                s.checker.adapter_returns(extra)
+                spec = [*base, (extra, 2)]
+            else:  # once its copies serve, so that the kill meets drains and unloads
+                with contextlib.suppress(TimeoutError):
+                    wait_until(lambda x=extra: len(s.checker.routable().get(x, ())) == 2,  # type: ignore[misc]
+                               timeout=20, what=f"{extra} routable on two pods")
+                s.checker.adapter_leaves(extra)
+                spec = list(base)
             apply(env.cp, autoscaler(NAME, env.namespace, APP, spec, max_loras=2, drain_timeout=3))
-            time.sleep(rng.uniform(0.0, 1.5))  # on purpose: a random moment into the work the change started
-            phases = _phases(s.checker)
-            in_progress = sum(n for p, n in phases.items() if not p.startswith("Loaded") or "retiring" in p)
-            busy += bool(in_progress)
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: _in_progress(s.checker), timeout=5, what="the change's work under way")
+            time.sleep(rng.uniform(0.0, 0.8))  # on purpose: a random moment into that work
+            busy = _in_progress(s.checker)
+            hit.update(busy.keys() or ["nothing in progress"])
             killed = s.controllers.kill_leader()
-            s.checker.fault("controller SIGKILL", f"{killed} killed; placements {phases}")
+            s.checker.fault("controller SIGKILL", f"{killed} killed; in progress: {busy}")
             s.controllers.wait_leader(30)
-        s.checker.tally.notes.append(f"{busy} of {kills} kills landed while a load, drain or unload was in progress")
+        s.checker.tally.notes.append("placement phases in progress at the kills (kills per phase): " + ", ".join(
+            f"{phase} {n}" for phase, n in sorted(hit.items())))
+        if kills % 2:
+            s.checker.adapter_leaves(f"extra-{kills // 2}")
         apply(env.cp, autoscaler(NAME, env.namespace, APP, base, max_loras=2, drain_timeout=3))
         _settle(s, 90)
     return s.checker.tally
