@@ -807,3 +807,23 @@ def test_a_new_preferred_holder_is_a_warm_copy_when_one_has_room() -> None:
                                        fallback={"hot": frozenset({"p1"})}))
     assert back.preferred["hot"] == {"p0"} and back.assignment["hot"] == {"p0", "p1", "p2"}
     assert not back.remove and all(a != "hot" for a, _ in back.add)
+
+
+def test_a_scale_down_removes_the_copies_scale_ups_added_not_the_first() -> None:
+    from controller.placement import PlacementInput, plan
+
+    # lora-1 was alone on p0 first; scale-ups put it beside lora-2 and lora-3. Back to one replica: the
+    # later copies go, the first stays (without the times, the copy alone on p0 would be kept as a fill
+    # copy and one shared copy with it).
+    current = {"lora-1": frozenset({"p0", "p1", "p2"}), "lora-2": frozenset({"p1"}), "lora-3": frozenset({"p2"})}
+    targets = (AdapterTarget("lora-1", 1), AdapterTarget("lora-2", 1), AdapterTarget("lora-3", 1))
+    since = {"lora-1": {"p0": 100.0, "p1": 200.0, "p2": 210.0}}
+    out = plan(PlacementInput(pods=("p0", "p1", "p2"), capacity=2, adapters=targets, current=current, since=since))
+    assert out.assignment["lora-1"] == {"p0"} and set(out.remove) == {("lora-1", "p1"), ("lora-1", "p2")}
+    without = plan(PlacementInput(pods=("p0", "p1", "p2"), capacity=2, adapters=targets, current=current))
+    assert len(without.assignment["lora-1"]) == 2
+    # A fill copy that came later (alone on a new pod) stays beside the first copy that shares its pod.
+    current = {"lora-1": frozenset({"p0", "p2"}), "lora-2": frozenset({"p0"}), "lora-3": frozenset({"p1"})}
+    since = {"lora-1": {"p0": 100.0, "p2": 300.0}}
+    kept = plan(PlacementInput(pods=("p0", "p1", "p2"), capacity=2, adapters=targets, current=current, since=since))
+    assert kept.assignment["lora-1"] == {"p0", "p2"} and not kept.remove
