@@ -434,6 +434,7 @@ def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(stack
             t_gain = wait_until(lambda: slices.first("lora-1", armed, lambda n: n >= 2), timeout=15,
                                 what="lora-1 routable on a second replica")
             gained_after = t_gain - t_cross
+            print(f"lora-1 routable on a second replica {gained_after:.2f}s after its load crossed the threshold")
             assert gained_after <= 3.0, f"lora-1 gained its second replica {gained_after:.2f}s after the crossing"
             wait_until(lambda: adapter_status(kube, namespace, "lora-1").get("desiredReplicas") == 3
                        and slices.routable("lora-1") == 3, timeout=20,
