@@ -50,33 +50,6 @@ STEP = 0.05  # simulated seconds per engine step: a 10-token request takes about
 # --- fixtures -----------------------------------------------------------------------------------------
 
 
-def _expand_empty_defaults(node: Any) -> Any:
-    """Nested objects default to the object of their fields' defaults (the API server checks CEL on them)."""
-    if isinstance(node, list):
-        return [_expand_empty_defaults(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _expand_empty_defaults(v) for k, v in node.items()}
-    if out.get("default") == {} and isinstance(out.get("properties"), dict):
-        out["default"] = {k: v["default"] for k, v in out["properties"].items() if "default" in v}
-    return out
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> None:
-    import yaml
-
-    for path in sorted((ROOT / "config" / "crd").glob("loraautoscaler.io_*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        done = control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False)
-        if done.returncode != 0 and "evaluating rule" in done.stderr:
-            control_plane.kubectl("apply", "-f", "-", input=json.dumps(_expand_empty_defaults(doc)))
-        elif done.returncode != 0:
-            raise AssertionError(f"cannot install {path.name}: {done.stderr}")
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                          "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
-
-
 @pytest.fixture
 def kube(control_plane: ControlPlane) -> Iterator[KubeClient]:
     api = control_plane.api_client()
