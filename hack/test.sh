@@ -49,15 +49,13 @@ pytest_step() {
 run pytest pytest_step "$@"
 
 total=$((SECONDS - started))
+verdict=PASSED
+if [ "$failed" -ne 0 ]; then verdict=FAILED; fi
 echo >&2
-echo "=== summary ($((total / 60))m $((total % 60))s in all)" >&2
+echo "=== summary: $verdict ($((total / 60))m $((total % 60))s in all)" >&2
 printf '%s\n' "${summary[@]}" >&2
-# pytest's own last line: its counts of passed, failed, skipped and errors, and its time.
-counts="$(sed -E 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^(=+ )?([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s( \([0-9:]+\))?( =+)?$' | tail -n 1 \
-  | sed -E 's/^=+ //; s/ =+$//' || true)"
-echo "  pytest: ${counts:-no result line (see above)}" >&2
-if [ "$failed" -ne 0 ]; then
-  echo "FAILED" >&2
-  exit 1
-fi
-echo "PASSED" >&2
+# pytest's own closing line (its counts of passed, failed, skipped and errors, and its time) comes last.
+counts="$(sed -E 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^(=+ )?([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s( \([0-9:]+\))?( =+)?$' \
+  | tail -n 1 | sed -E 's/^=+ //; s/ =+$//' || true)"
+echo "pytest: ${counts:-no closing line (see above)}" >&2
+[ "$failed" -eq 0 ]

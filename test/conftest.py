@@ -19,12 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from kubernetes.client import ApiClient
 
 from localkube import podnet, process
 from localkube.binaries import BinariesError, find_binaries
 from localkube.controlplane import ControlPlane
 from localkube.kubelet import TestKubelet
+
+# Property tests judge results, not speed: Hypothesis' default 200 ms deadline per example would fail them at
+# random on a loaded machine. A test that sets its own settings keeps them.
+settings.register_profile("suite", deadline=None, print_blob=True)
+settings.load_profile("suite")
 
 _startup_times: list[float] = []
 
