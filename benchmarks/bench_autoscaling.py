@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -624,6 +625,50 @@ def plots(results: dict[str, Result], cell: Cell, out: Path) -> list[Path]:
 # --- main -----------------------------------------------------------------------------------------------
 
 
+def save(r: Result, path: Path) -> None:
+    path.write_text(json.dumps({
+        "deferred_share": r.deferred_share, "loads": r.loads, "reloads": r.reloads, "sim_minutes": r.sim_minutes,
+        "censored": r.censored,
+        "records": [[x.t, x.adapter, x.tokens, x.status, x.ttft, x.e2e, x.error] for x in r.records]}))
+
+
+def load(path: Path, key: str) -> Result:
+    d = json.loads(path.read_text())
+    return Result(key, [Record(*row) for row in d["records"]], d["deferred_share"], d["loads"], d["reloads"],
+                  d["sim_minutes"], d["censored"])
+
+
+def _without(args: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return _without_out(out)
+
+
+def _without_out(args: list[str]) -> list[str]:
+    """The parent passes its own --out to every child."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        if a.startswith("--out="):
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="4 replicas, 16 adapters, 90 simulated s at 2x speed")
@@ -638,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--up-window", type=float, help="scale-up window, simulated seconds")
     p.add_argument("--down-window", type=float, help="scale-down window, simulated seconds")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_autoscaling")
+    p.add_argument("--one", choices=sorted(POLICIES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     keys = [k.strip() for k in args.policies.split(",") if k.strip()]
     unknown = [k for k in keys if k not in POLICIES]
@@ -675,27 +721,47 @@ def main(argv: list[str] | None = None) -> int:
     say(f"time: simulators {cell.time_scale:g}x faster than real time; controller sync {s['sync_ms']} ms, "
         f"windows {s['up_window']}/{s['down_window']} s, audit {s['audit']:.2f} s, router scrape "
         f"{s['scrape']:.3f} s (real; every timing scaled by the same factor). Latencies in simulated seconds.")
-    cp = ControlPlane(bin_dir=find_binaries())
-    cp.start()
-    results: dict[str, Result] = {}
-    try:
-        cp.kubectl("apply", "-k", str(REPO / "config" / "crd"))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                   "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
-        for k in keys:
+    if args.one:  # a child: one policy on its own control plane, its records to a file
+        cp = ControlPlane(bin_dir=find_binaries())
+        cp.start()
+        try:
+            cp.kubectl("apply", "-k", str(REPO / "config" / "crd"))
+            cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                       "crd/loraautoscalers.loraautoscaler.io", "crd/loraplacements.loraautoscaler.io")
             started = time.monotonic()
-            results[k] = run_policy(Fleet(cp, cell, POLICIES[k], work, say), trace)
-            sm = results[k].summary(cell.duration)
-            say(f"{k}: done in {time.monotonic() - started:.0f}s: TTFT p99 {fmt(sm['ttft_p99'])} s, E2E p99 "
-                f"{fmt(sm['e2e_p99'])} s, {int(sm['failed'])} failed of {int(sm['requests'])}, "
-                f"{results[k].censored} unfinished; errors {results[k].errors()}")
-    finally:
-        cp.stop()
+            r = run_policy(Fleet(cp, cell, POLICIES[args.one], work, say), trace)
+        finally:
+            cp.stop()
+        save(r, out / f"part-{args.one}.json")
+        sm = r.summary(cell.duration)
+        say(f"{args.one}: done in {time.monotonic() - started:.0f}s: TTFT p99 {fmt(sm['ttft_p99'])} s, E2E p99 "
+            f"{fmt(sm['e2e_p99'])} s, {int(sm['failed'])} failed of {int(sm['requests'])}, {r.censored} "
+            f"unfinished; errors {r.errors()}")
+        return 0
+    # Each policy runs in a process of its own (its own control plane, fleet and client), one after the
+    # other on the same trace: a policy that overloads its fleet leaves nothing behind for the next.
+    results: dict[str, Result] = {}
+    forward = [a for a in (argv if argv is not None else sys.argv[1:])]
+    forward = _without(forward, "--policies")
+    for k in keys:
+        part = out / f"part-{k}.json"
+        part.unlink(missing_ok=True)
+        for attempt in (1, 2):
+            done = subprocess.run([sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), *forward,
+                                   "--one", k, "--out", str(out)], check=False)
+            if done.returncode == 0 and part.exists():
+                results[k] = load(part, k)
+                break
+            say(f"{k}: the run exited with {done.returncode} (attempt {attempt})")
+        else:
+            say(f"{k}: no result; left out of the comparison")
     print()
     print(f"Results (simulated seconds; the simulators ran {cell.time_scale:g}x faster than real time, and so "
           "did every timing of the controller and router):")
     text = report(results, cell)
     print(text)
+    if not results:
+        return 1
     (out / "results.json").write_text(json.dumps({
         "cell": asdict(cell), "summary": {k: r.summary(cell.duration) for k, r in results.items()},
         "censored": {k: r.censored for k, r in results.items()},
