@@ -124,6 +124,10 @@ def path_of(parts: Iterable[str | int]) -> str:
     return out or ROOT_PATH
 
 
+#: JSON's containers (exact types: what a JSON decoder makes), checked by ``type(x) in`` on hot paths.
+_CONTAINERS = frozenset((dict, list))
+
+
 class _TooDeep(ValueError):
     pass
 
@@ -133,14 +137,14 @@ def _drop_nulls(value: Any, depth: int = 1) -> Any:
 
     Raises `_TooDeep` past ``MAX_DEPTH`` levels, so the recursion is bounded whatever the input.
     """
+    if depth > MAX_DEPTH and type(value) in _CONTAINERS:
+        raise _TooDeep
+    # Scalars are taken as they are, without a call each: most of a spec is scalars.
     if isinstance(value, dict):
-        if depth > MAX_DEPTH:
-            raise _TooDeep
-        return {k: _drop_nulls(v, depth + 1) for k, v in value.items() if v is not None}
+        return {k: _drop_nulls(v, depth + 1) if type(v) in _CONTAINERS else v
+                for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        if depth > MAX_DEPTH:
-            raise _TooDeep
-        return [_drop_nulls(v, depth + 1) for v in value]
+        return [_drop_nulls(v, depth + 1) if type(v) in _CONTAINERS else v for v in value]
     return value
 
 
@@ -164,6 +168,13 @@ def _fast_validator(kind: str) -> Callable[[Any], Any]:
 @cache
 def _full_validator(kind: str) -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(admission_schema(kind))
+
+
+def prepare_validators() -> None:
+    """Compile both kinds' validators now (a server calls it at start-up, not on its first request)."""
+    for kind in (v1.AUTOSCALER_KIND, v1.PLACEMENT_KIND):
+        _fast_validator(kind)
+        _full_validator(kind)
 
 
 _TYPE_WORDS = {

@@ -36,6 +36,8 @@ from aiohttp import ClientSession, TCPConnector, web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from api.validation import prepare_validators
+from common.heap import freeze_startup_heap
 from common.tls import client_context, issue_serving_cert, make_ca, server_context
 from webhook.review import allow, parse_review, review
 from webhook.server import create_app
@@ -103,6 +105,8 @@ def serve(cert_dir: str, port: int, core: int | None, ready: Any) -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         context = server_context(Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key")
+        prepare_validators()  # start-up as the webhook's own main does it
+        freeze_startup_heap()
         await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context, backlog=1024).start()
         ready.set()
         await asyncio.Event().wait()
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             if client_core is not None:
                 os.sched_setaffinity(0, {client_core})
+            freeze_startup_heap()  # the load generator's own GC pauses would count as server latency
             results = asyncio.run(measure(port, ca.cert_pem, args, server.pid or 0))
         finally:
             server.terminate()

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.heap import freeze_startup_heap
 from router.proxy import RouterConfig
 from router.routes import RouteError, RouteTable
 from router.server import RouterService, StaticRouteSource
@@ -158,6 +159,7 @@ async def run(args: argparse.Namespace) -> int:
         service.on_stop(source.stop)
         await source.start(args.sync_timeout)
     await service.start()
+    freeze_startup_heap()  # full GC passes over start-up objects would stall requests (see common.heap)
     log.info(
         "router on %s:%s (metrics on %s), strategy %s",
         args.host,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from api.validation import prepare_validators
+from common.heap import freeze_startup_heap
 from common.kube import ApiError, KubeClient, load_api_client
 from common.tls import CertificateError, CertKeyPair, ReloadingServerContext, service_dns_names
 from webhook.certs import (
@@ -210,6 +212,8 @@ async def serve(opts: Options, stop: asyncio.Event) -> None:
     app = create_app(lookup=lookup, metrics=metrics, readiness=readiness, max_body_bytes=opts.max_body_bytes)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
     await runner.setup()
+    prepare_validators()  # the first admission would otherwise pay for compiling them
+    freeze_startup_heap()  # full GC passes over start-up objects would stall admissions (see common.heap)
     runners = [runner]
     tasks: list[asyncio.Task[None]] = []
     try:
