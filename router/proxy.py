@@ -471,7 +471,8 @@ class Router:
             await out.prepare(request)
             writer = out._payload_writer  # its drain() waits only while the client's socket is full
             drain: Callable[[], Awaitable[None]] | None = getattr(writer, "drain", None)
-            async for chunk in resp.iter_chunks():
+            next_chunk = resp.next_chunk
+            while (chunk := await next_chunk()) is not None:
                 await out.write(chunk)
                 if drain is not None:
                     await drain()

@@ -14,7 +14,7 @@ import asyncio
 import functools
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
 _HIGH_WATER = 256 * 1024
@@ -70,6 +70,10 @@ class UpstreamResponse:
             parts.append(piece)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def next_chunk(self) -> Awaitable[bytes | None]:
+        """The next body piece as it arrives (chunked framing removed), or None at the end."""
+        return self._conn.next_piece()
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body pieces as they arrive (chunked framing removed)."""
         conn = self._conn
@@ -112,6 +116,7 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.read_timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._active_at = 0.0  # loop time of the last bytes from the pod (or of arming the read timer)
         self._total_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------------
@@ -143,6 +148,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        self._active_at = self.pool.loop.time()
         self.buf += data
         try:
             self._parse()
@@ -167,7 +173,7 @@ class _Connection(asyncio.Protocol):
         self.read_timeout = read_timeout
         waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
         self.head_waiter = waiter
-        self._arm(read_timeout, "timeout", f"no answer from {self.address} within {read_timeout:g}s")
+        self._arm()
         assert self.transport is not None
         self.transport.write(data)
         return waiter
@@ -185,14 +191,30 @@ class _Connection(asyncio.Protocol):
             )
             self.abort()
 
-    def _arm(self, seconds: float, kind: str, message: str) -> None:
+    def _arm(self) -> None:
+        """Start the read timer: it fires when the pod has sent nothing for ``read_timeout``.
+
+        Bytes arriving only note the time; the timer, when it fires, re-arms itself for what is left.
+        Re-arming on every chunk would cost a timer per chunk of every stream.
+        """
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.pool.loop.call_later(seconds, self._expired, kind, message)
+        loop = self.pool.loop
+        self._active_at = loop.time()
+        self._timer = loop.call_later(self.read_timeout, self._expired)
 
-    def _expired(self, kind: str, message: str) -> None:
+    def _expired(self) -> None:
+        loop = self.pool.loop
+        left = self._active_at + self.read_timeout - loop.time()
+        if left > 0:
+            self._timer = loop.call_later(left, self._expired)
+            return
         self._timer = None
-        self._fail(UpstreamError(kind, message, before_response=False))
+        if self.head_waiter is not None:
+            message = f"no answer from {self.address} within {self.read_timeout:g}s"
+        else:
+            message = f"{self.address} sent nothing for {self.read_timeout:g}s"
+        self._fail(UpstreamError("timeout", message, before_response=False))
         self.abort()
 
     async def next_piece(self) -> bytes | None:
@@ -212,7 +234,7 @@ class _Connection(asyncio.Protocol):
             waiter = self.pool.loop.create_future()
             self.piece_waiter = waiter
             if self._timer is None:
-                self._arm(self.read_timeout, "timeout", f"{self.address} sent nothing for {self.read_timeout:g}s")
+                self._arm()
             try:
                 await waiter
             finally:
@@ -275,69 +297,68 @@ class _Connection(asyncio.Protocol):
             head = bytes(buf[:end])
             del buf[: end + 4]
             self._head(head)
+        # One pass with an index and one deletion at the end: a streamed chunk usually arrives whole
+        # (size line, data and CRLF in one read), and slicing the buffer at every step cost more than the
+        # rest of relaying it.
         emitted: list[bytes] = []
-        while buf:
+        pos, n = 0, len(buf)
+        while pos < n:
             phase = self.phase
-            if phase == _LENGTH:
-                take = min(self.length, len(buf))
-                emitted.append(bytes(buf[:take]))
-                del buf[:take]
-                self.length -= take
-                if self.length == 0:
-                    self.phase = _DONE
-            elif phase == _UNTIL_EOF:
-                emitted.append(bytes(buf))
-                buf.clear()
-            elif phase == _CHUNK_SIZE:
-                eol = buf.find(b"\r\n")
+            if phase == _CHUNK_SIZE:
+                eol = buf.find(b"\r\n", pos)
                 if eol < 0:
-                    if len(buf) > 4096:
+                    if n - pos > 4096:
                         raise UpstreamError("protocol", f"{self.address}: bad chunk size line", before_response=False)
                     break
-                line = bytes(buf[:eol]).split(b";", 1)[0].strip()
-                del buf[: eol + 2]
+                line = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+                pos = eol + 2
                 try:
                     size = int(line, 16)
                 except ValueError:
                     raise UpstreamError(
                         "protocol", f"{self.address}: bad chunk size {line[:20]!r}", before_response=False
                     ) from None
+                if size < 0:
+                    raise UpstreamError("protocol", f"{self.address}: bad chunk size {line[:20]!r}",
+                                        before_response=False)
                 if size == 0:
                     self.phase = _TRAILERS
                 else:
                     self.length = size
                     self.phase = _CHUNK_DATA
-            elif phase == _CHUNK_DATA:
-                take = min(self.length, len(buf))
-                emitted.append(bytes(buf[:take]))
-                del buf[:take]
+            elif phase in (_CHUNK_DATA, _LENGTH):
+                take = min(self.length, n - pos)
+                emitted.append(bytes(buf[pos : pos + take]))
+                pos += take
                 self.length -= take
                 if self.length == 0:
-                    self.phase = _CHUNK_CRLF
+                    self.phase = _CHUNK_CRLF if phase == _CHUNK_DATA else _DONE
             elif phase == _CHUNK_CRLF:
-                if len(buf) < 2:
+                if n - pos < 2:
                     break
-                if buf[:2] != b"\r\n":
+                if buf[pos : pos + 2] != b"\r\n":
                     raise UpstreamError(
                         "protocol", f"{self.address}: chunk not followed by CRLF", before_response=False
                     )
-                del buf[:2]
+                pos += 2
                 self.phase = _CHUNK_SIZE
+            elif phase == _UNTIL_EOF:
+                emitted.append(bytes(buf[pos:]))
+                pos = n
             elif phase == _TRAILERS:
-                eol = buf.find(b"\r\n")
+                eol = buf.find(b"\r\n", pos)
                 if eol < 0:
                     break
-                del buf[: eol + 2]
-                if eol == 0:
+                if eol == pos:
                     self.phase = _DONE
+                pos = eol + 2
             else:  # _DONE: bytes after the end of an answer
                 self.keep_alive = False
-                buf.clear()
+                pos = n
+        del buf[:pos]
         if emitted:
             self._emit(emitted[0] if len(emitted) == 1 else b"".join(emitted))
         if emitted or self.phase == _DONE:
-            if self._timer is not None and self.phase != _DONE:
-                self._arm(self.read_timeout, "timeout", f"{self.address} sent nothing for {self.read_timeout:g}s")
             self._wake()
 
     def _head(self, head: bytes) -> None:

@@ -4,6 +4,7 @@ awkward places, so framing, reuse, flow control and timeouts are checked byte fo
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -249,6 +250,80 @@ def test_head_and_no_content_answers_have_no_body() -> None:
             assert resp.status == 204 and await resp.read() == b""
             resp.release()
             assert len(conns) == 1
+            pool.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_chunked_body_split_anywhere_arrives_whole_and_the_connection_is_reused(seed: int) -> None:
+    """The parser keeps its place across reads, wherever a read ends (inside a size line, data or CRLF)."""
+    rng = random.Random(seed)
+    chunks = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(25)]
+    framed = b"".join(b"%x%s\r\n%s\r\n" % (len(c), b";x=y" if i % 7 == 0 else b"", c) for i, c in enumerate(chunks))
+    framed += b"0\r\nX-Trailer: t\r\n\r\n"
+    cuts = sorted(rng.sample(range(1, len(framed)), 40))
+    sizes = [b - a for a, b in zip([0, *cuts], cuts, strict=False)]
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            await send_pieces(writer, answer, [s for s in sizes if s] if _ == 0 else [])
+
+    async def body() -> None:
+        async with server(script) as (address, connections):
+            pool = UpstreamPool()
+            for _ in range(2):
+                resp = await pool.request(address, head(address), b"", read_timeout=5, total_timeout=5)
+                assert await resp.read() == b"".join(chunks)
+                resp.release()
+            assert connections == [0]  # the second answer came on the same connection
+            pool.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("size_line", [b"-5", b"zz", b"1 2"])
+def test_a_bad_chunk_size_is_a_protocol_error(size_line: bytes) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\nabcde\r\n0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def body() -> None:
+        async with server(script) as (address, _):
+            pool = UpstreamPool()
+            resp = await pool.request(address, head(address), b"", read_timeout=5, total_timeout=5)
+            with pytest.raises(UpstreamError) as caught:
+                await resp.read()
+            assert caught.value.kind == "protocol" and "bad chunk size" in str(caught.value)
+            pool.close()
+
+    run(body)
+
+
+def test_the_read_timeout_counts_from_the_last_bytes_not_from_the_request() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):  # 0.8 s in all, never 0.3 s without a byte
+            await asyncio.sleep(0.1)
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+        await asyncio.sleep(2)  # now silent for longer than the read timeout
+
+    async def body() -> None:
+        async with server(script) as (address, _):
+            pool = UpstreamPool()
+            resp = await pool.request(address, head(address), b"", read_timeout=0.3, total_timeout=10)
+            got = b""
+            with pytest.raises(UpstreamError) as caught:
+                while (piece := await resp.next_chunk()) is not None:
+                    got += piece
+            assert got == b"x" * 8
+            assert caught.value.kind == "timeout" and "sent nothing for 0.3s" in str(caught.value)
             pool.close()
 
     run(body)
