@@ -703,4 +703,5 @@ def _fact(p: _Placement) -> st.PlacementFact:
 def _route(p: _Placement) -> routes.PlacementRoute:
     t = p.typed
     return routes.PlacementRoute(t.spec.adapter, t.spec.pod_name, t.spec.pod_uid, t.status.phase, t.spec.retire,
-                                 t.spec.preferred)
+                                 t.spec.preferred, loaded_ip=t.status.pod_ip,
+                                 loaded_restarts=t.status.pod_restart_count)

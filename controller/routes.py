@@ -39,10 +39,21 @@ class PlacementRoute:
     phase: str
     retire: bool = False
     preferred: bool = True
+    loaded_ip: str | None = None  # the pod's IP and restart count when the adapter was loaded
+    loaded_restarts: int | None = None
 
     @property
     def routable(self) -> bool:
         return self.phase == "Loaded" and not self.retire
+
+    def survived(self, pod: PodView) -> bool:
+        """False when the pod restarted since the load: vLLM forgot the adapter, whatever the phase says yet.
+
+        The placement reconciler reloads it (the same comparison); until then requests must not go there.
+        """
+        if self.loaded_restarts is not None and self.loaded_restarts != pod.restart_count:
+            return False
+        return self.loaded_ip is None or self.loaded_ip == pod.ip
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,7 @@ def render(inp: RouteInput) -> RouteTable:
         if p.adapter not in holders or not p.routable or (p.adapter, p.pod_name) in seen:
             continue
         pod = inp.pods.get(p.pod_name)
-        if pod is None or not _listable(pod, p.pod_uid):
+        if pod is None or not _listable(pod, p.pod_uid) or not p.survived(pod):
             continue
         seen.add((p.adapter, p.pod_name))
         tier = L.TIER_PREFERRED if (p.preferred or not inp.preferred_mode) else L.TIER_FALLBACK

@@ -157,7 +157,8 @@ def test_loaded_placements_are_routed_and_removed_adapters_retired():
     rec, kube, caches = setup()
     rec.reconcile(f"{NS}/a")
     for o in caches["loraplacements"].items.values():
-        o["status"] = {"phase": "Loaded", "podIp": "x"}
+        on = caches["pods"].items[f"{NS}/{o['spec']['podName']}"]
+        o["status"] = {"phase": "Loaded", "podIp": on["status"]["podIP"], "podRestartCount": 0}
     rec.reconcile(f"{NS}/a")
     slices = caches["endpointslices"].items
     lora1 = slices[f"{NS}/{L.slice_name(L.route_service_name('a', 'lora-1'), L.TIER_PREFERRED)}"]

@@ -35,6 +35,23 @@ def loaded(adapter, pod_name, *, phase="Loaded", retire=False, preferred=True, u
     return PlacementRoute(adapter, pod_name, uid or f"uid-{pod_name}", phase, retire, preferred)
 
 
+def test_a_copy_on_a_pod_that_restarted_since_its_load_is_not_listed():
+    """vLLM forgets runtime-loaded adapters on a restart; the placement still says Loaded until reloaded."""
+    restarted = PodView(name="p1", uid="uid-p1", ip="10.0.0.2", ready=True, restart_count=1,
+                        created="2026-01-01T00:00:00Z", node="n1")
+    moved = pod("p2", "10.0.0.9")
+    same = pod("p3", "10.0.0.4")
+    at_load = {"loaded_restarts": 0}
+    table = render(inp([
+        PlacementRoute("lora-1", "p1", "uid-p1", "Loaded", loaded_ip="10.0.0.2", **at_load),
+        PlacementRoute("lora-1", "p2", "uid-p2", "Loaded", loaded_ip="10.0.0.3", **at_load),
+        PlacementRoute("lora-1", "p3", "uid-p3", "Loaded", loaded_ip="10.0.0.4", **at_load),
+        PlacementRoute("lora-2", "p1", "uid-p1", "Loaded"),  # nothing recorded at load: listed as before
+    ], [restarted, moved, same]))
+    assert table.routable["lora-1"] == ["p3"]
+    assert table.routable["lora-2"] == ["p1"]
+
+
 def slice_of(table, adapter, tier=L.TIER_PREFERRED):
     return table.slices[L.slice_name(L.route_service_name("a", adapter), tier)]
 
