@@ -39,6 +39,8 @@ class PodMetrics:
     max_loras: int | None = None
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
+    #: How many samples of the queue and batch series were read: 0 means the page is not vLLM's.
+    samples: int = 0
 
 
 def _parse_labels(text: str) -> dict[str, str]:
@@ -93,6 +95,7 @@ def _names(value: str) -> frozenset[str]:
 def parse_vllm_metrics(text: str) -> PodMetrics:
     """The strategies' view of one ``/metrics`` page (Prometheus text format); malformed lines are skipped."""
     waiting = deferred = running = 0.0
+    samples = 0
     kv: list[float] = []
     gpu_kv: list[float] = []
     info_time = -math.inf
@@ -104,12 +107,14 @@ def parse_vllm_metrics(text: str) -> PodMetrics:
         try:
             if line.startswith(_WAITING) or line.startswith(_WAITING_BARE):
                 waiting += _split_sample(line)[1]
+                samples += 1
             elif line.startswith(_BY_REASON):
                 labels, value = _split_sample(line)
                 if labels.get("reason") == "deferred":
                     deferred += value
             elif line.startswith(_RUNNING) and line[len(_RUNNING)] in "{ ":
                 running += _split_sample(line)[1]
+                samples += 1
             elif line.startswith(_KV) and line[len(_KV)] in "{ ":
                 kv.append(_split_sample(line)[1])
             elif line.startswith(_GPU_KV) and line[len(_GPU_KV)] in "{ ":
@@ -139,6 +144,7 @@ def parse_vllm_metrics(text: str) -> PodMetrics:
         max_loras=max_loras,
         running_adapters=running_adapters,
         waiting_adapters=waiting_adapters,
+        samples=samples,
     )
 
 
@@ -210,12 +216,21 @@ class Scraper:
                 # Bytes, not resp.text(): a page that is not UTF-8 must count as garbage, not end the round.
                 text = (await resp.read()).decode("utf-8", errors="replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            n = self._failures.get(address, 0) + 1
-            self._failures[address] = n
-            if n == self._max_failures:
-                log.warning("metrics of %s unreachable (%s); treating its state as unknown", address, exc)
-            if n >= self._max_failures:
-                self._store(address, None)
+            self._failed(address, f"unreachable ({exc})")
+            return
+        metrics = parse_vllm_metrics(text)
+        if not metrics.samples:
+            # Not vLLM's page (a proxy's error page, another server on the port): its state is unknown,
+            # not idle; an idle reading would draw every request to it.
+            self._failed(address, "answered without vllm:num_requests_waiting or vllm:num_requests_running")
             return
         self._failures.pop(address, None)
-        self._store(address, parse_vllm_metrics(text))
+        self._store(address, metrics)
+
+    def _failed(self, address: str, reason: str) -> None:
+        n = self._failures.get(address, 0) + 1
+        self._failures[address] = n
+        if n == self._max_failures:
+            log.warning("metrics of %s %s; treating its state as unknown", address, reason)
+        if n >= self._max_failures:
+            self._store(address, None)

@@ -270,3 +270,48 @@ def test_metrics_labels_with_escapes() -> None:
 def test_metrics_without_samples() -> None:
     m = parse_vllm_metrics("# HELP vllm:lora_requests_info x\n# TYPE vllm:lora_requests_info gauge\n")
     assert m.max_loras is None and m.running_adapters == frozenset() and m.waiting == 0
+    assert m.samples == 0  # the scraper counts such a page as a failed scrape, not as an idle pod
+    assert parse_vllm_metrics("<html>502 Bad Gateway</html>").samples == 0
+    assert parse_vllm_metrics(METRICS).samples > 0
+
+
+def test_the_scraper_reports_unknown_for_pods_that_fail_or_answer_with_something_else() -> None:
+    """A page without vLLM's series counts as a failed scrape: after three, the pod's state is unknown."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from router.scrape import PodMetrics, Scraper
+
+    pages = {"good": METRICS, "html": "<html>502 Bad Gateway</html>"}
+
+    async def body() -> dict[str, list[PodMetrics | None]]:
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(text=pages[request.headers["X-Page"]])
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        stored: dict[str, list[PodMetrics | None]] = {"good": [], "html": []}
+        try:
+            async with aiohttp.ClientSession() as session:
+                for page in pages:
+                    def store(_addr: str, m: PodMetrics | None, page: str = page) -> None:
+                        stored[page].append(m)
+
+                    scraper = Scraper(session, lambda: {f"127.0.0.1:{port}": "p"}, store,
+                                      headers={"X-Page": page}, max_failures=3)
+                    for _ in range(4):
+                        await scraper.scrape_once()
+        finally:
+            await runner.cleanup()
+        return stored
+
+    stored = asyncio.run(body())
+    assert len(stored["good"]) == 4 and all(m is not None and m.waiting == 4.0 for m in stored["good"])
+    assert stored["html"] == [None, None]  # nothing for the first two failures, then unknown
