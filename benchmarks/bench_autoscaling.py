@@ -9,6 +9,7 @@ controller and the router as subprocesses, requests streamed through the router.
     .venv/bin/python benchmarks/bench_autoscaling.py            # the primary cell, every policy
     .venv/bin/python benchmarks/bench_autoscaling.py --quick    # a few minutes, for development
     .venv/bin/python benchmarks/bench_autoscaling.py --policies P3b,P4p --duration 300
+    .venv/bin/python benchmarks/bench_autoscaling.py --cell guard-zipf1.5-85 --policies P3,P4p
 
 Policies (as in /work/shared/reference/placement-study.md):
 
@@ -17,14 +18,18 @@ Policies (as in /work/shared/reference/placement-study.md):
 - P3   every adapter everywhere, the Gateway API Inference Extension's scoring, weights 1:1:1;
 - P3b  the same with LoRA-affinity weight 3;
 - P4   the autoscaler in ``strict`` mode, the router's ``lora-aware`` strategy;
-- P4p  the autoscaler in ``preferred`` mode (``--max-cpu-loras`` 2 x ``--max-loras``), ``lora-aware``.
+- P4p  the autoscaler in ``preferred`` mode, ``lora-aware``; its pods' ``--max-cpu-loras`` has room for every
+  adapter twice across the fleet, and at least 2 x ``--max-loras``.
 
 Primary cell: 8 replicas, ``--max-num-seqs`` 32, ``--max-loras`` 4, 32 adapters, Zipf 1.0 popularity, the
-hot set re-drawn every 60-120 s, 85 % of the fleet's token capacity. Engine: 20 ms a step plus 0.5 ms per
-running request, 64-192 output tokens a request, adapter loads 100 ms. Poisson arrivals from a seeded
-generator, the same for every policy. ``--time-scale F`` runs the simulators F times faster than real time
-and scales every timing of the controller (sync period, windows, drain timeout, audit) and of the router
-(scrape interval) by the same factor; latencies are reported in simulated seconds.
+hot set re-drawn every 60-120 s, 85 % of the fleet's token capacity. Guard cells (``--cell``): 32 adapters
+at Zipf 1.5 and 60 % or 85 % load; 128 adapters with ``--max-loras`` 8 at Zipf 1.0 and 60 % or Zipf 1.5 and
+85 %. There the autoscaler must stay within 1.05x of P3's end-to-end p99 and P3's TTFT p99 + 1 s.
+Engine: 20 ms a step plus 0.5 ms per running request, 64-192 output tokens a request, adapter loads 100 ms.
+Poisson arrivals from a seeded generator, the same for every policy. ``--time-scale F`` runs the simulators
+F times faster than real time and scales every timing of the controller (sync period, windows, drain
+timeout, audit) and of the router (scrape interval) by the same factor; latencies are reported in simulated
+seconds.
 """
 
 from __future__ import annotations
@@ -66,6 +71,16 @@ PROMPT = "Summarise the quarterly report in one sentence please."
 
 # Targets from the placement study for the autoscaler against each baseline (TTFT p99, E2E p99 ratios).
 TARGETS = {"P1": (1 / 10, 1 / 5), "P2": (1 / 5, 1 / 4), "P3": (1 / 2.5, 1 / 2), "P3b": (0.85, 0.95)}
+# Guard cells (the study's): where load-driven placement is not expected to win, it must not lose much.
+GUARD_E2E_RATIO, GUARD_TTFT_SLACK = 1.05, 1.0  # E2E p99 <= 1.05 x P3's, TTFT p99 <= P3's + 1 s
+#: Named cells: the primary one and the study's guard cells (``--cell``).
+CELLS: dict[str, dict[str, Any]] = {
+    "primary": {},
+    "guard-zipf1.5-60": {"zipf": 1.5, "load": 0.60},
+    "guard-zipf1.5-85": {"zipf": 1.5, "load": 0.85},
+    "guard-128-zipf1.0-60": {"adapters": 128, "max_loras": 8, "zipf": 1.0, "load": 0.60},
+    "guard-128-zipf1.5-85": {"adapters": 128, "max_loras": 8, "zipf": 1.5, "load": 0.85},
+}
 
 
 @dataclass(frozen=True)
@@ -114,10 +129,15 @@ class Cell:
     up_window: float = 2.0
     down_window: float = 30.0
     drain_seconds: float = 120.0  # simulated seconds to wait for requests after the last arrival
+    cpu_loras: int = 0  # preferred mode's --max-cpu-loras; 0: room for every adapter twice, at least 2 x max_loras
 
     @property
     def names(self) -> list[str]:
         return [f"lora-{i}" for i in range(1, self.adapters + 1)]
+
+    def resident_loras(self) -> int:
+        """``--max-cpu-loras`` of the preferred mode's pods (host memory is cheap next to batch slots)."""
+        return self.cpu_loras or max(2 * self.max_loras, math.ceil(2 * self.adapters / self.replicas))
 
     def capacity_rps(self) -> float:
         """Requests per simulated second the fleet serves with every batch full and no LoRA budget."""
@@ -257,7 +277,7 @@ def deployment(cell: Cell, namespace: str, policy: Policy) -> dict[str, Any]:
     if policy.everywhere:
         cpu_loras = cell.adapters
     elif policy.controller == "preferred":
-        cpu_loras = 2 * cell.max_loras
+        cpu_loras = cell.resident_loras()
     flags = ["--enable-lora", "--max-loras", str(cell.max_loras), "--max-cpu-loras", str(cpu_loras),
              "--max-num-seqs", str(cell.max_num_seqs)]
     if policy.everywhere:
@@ -295,7 +315,7 @@ def autoscaler(cell: Cell, namespace: str, policy: Policy, router_metrics: str) 
     static = policy.controller == "static"
     vllm: dict[str, Any] = {"port": 8000, "maxLorasPerReplica": cell.max_loras}
     if policy.controller == "preferred":
-        vllm["maxCpuLorasPerReplica"] = 2 * cell.max_loras
+        vllm["maxCpuLorasPerReplica"] = cell.resident_loras()
     return {
         "apiVersion": "loraautoscaler.io/v1alpha1", "kind": "LoRAAutoscaler",
         "metadata": {"name": AUTOSCALER, "namespace": namespace},
@@ -572,6 +592,14 @@ def report(results: dict[str, Result], cell: Cell) -> str:
         lines.append(f"  loads per minute across the fleet: {fmt(m['loads_per_min'])} API loads + "
                      f"{fmt(m['reloads_per_min'])} cache reloads [<= 10 loads] "
                      f"{'ok' if m['loads_per_min'] <= 10 else 'MISS'}")
+        if "P3" in sums:
+            p3 = sums["P3"]
+            ok_e2e = m["e2e_p99"] <= GUARD_E2E_RATIO * p3["e2e_p99"]
+            ok_ttft = m["ttft_p99"] <= p3["ttft_p99"] + GUARD_TTFT_SLACK
+            lines.append(f"  guard rule (what a guard cell asks): E2E p99 {fmt(m['e2e_p99'])} s [<= {GUARD_E2E_RATIO}"
+                         f" x P3 = {fmt(GUARD_E2E_RATIO * p3['e2e_p99'])}] {'ok' if ok_e2e else 'MISS'}, TTFT p99 "
+                         f"{fmt(m['ttft_p99'])} s [<= P3 + {GUARD_TTFT_SLACK:g} s = "
+                         f"{fmt(p3['ttft_p99'] + GUARD_TTFT_SLACK)}] {'ok' if ok_ttft else 'MISS'}")
     return "\n".join(lines)
 
 
@@ -672,6 +700,10 @@ def _without_out(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="4 replicas, 16 adapters, 90 simulated s at 2x speed")
+    p.add_argument("--cell", choices=sorted(CELLS), default="primary",
+                   help="the primary cell or one of the placement study's guard cells")
+    p.add_argument("--adapters", type=int, help="number of adapters")
+    p.add_argument("--max-loras", type=int, help="vLLM's --max-loras of every replica")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
     p.add_argument("--duration", type=float, help="simulated seconds of arrivals")
     p.add_argument("--time-scale", type=float, help="simulators this many times faster than real time")
@@ -690,19 +722,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown policies {unknown}; known: {', '.join(POLICIES)}", file=sys.stderr)
         return 2
-    cell = Cell()
+    cell = Cell(**CELLS[args.cell])
     if args.quick:
         cell = Cell(replicas=4, adapters=16, duration=90.0, shift_min=30.0, shift_max=45.0, time_scale=2.0,
                     step=0.04, per_seq=0.001, down_window=20.0, drain_seconds=60.0)
     overrides = {k: v for k, v in (("duration", args.duration), ("time_scale", args.time_scale),
                                    ("load", args.load), ("zipf", args.zipf), ("seed", args.seed),
                                    ("up_threshold", args.up_threshold), ("down_threshold", args.down_threshold),
-                                   ("up_window", args.up_window), ("down_window", args.down_window))
+                                   ("up_window", args.up_window), ("down_window", args.down_window),
+                                   ("adapters", args.adapters), ("max_loras", args.max_loras))
                  if v is not None}
     if overrides:
         cell = Cell(**{**asdict(cell), **overrides})
     if cell.time_scale <= 0 or cell.duration <= 0 or not 0 < cell.load <= 2:
         print("--time-scale and --duration must be positive and --load in (0, 2]", file=sys.stderr)
+        return 2
+    if cell.adapters < 1 or not 1 <= cell.max_loras <= 256:
+        print("--adapters must be at least 1 and --max-loras within 1-256", file=sys.stderr)
         return 2
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -717,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{cell.adapters} adapters, Zipf {cell.zipf}, hot set re-drawn every {cell.shift_min:.0f}-"
         f"{cell.shift_max:.0f} s ({len(shifts)} sets), load {cell.load:.0%} = {len(trace) / cell.duration:.1f} "
         f"requests/s of {cell.tokens_min}-{cell.tokens_max} tokens; autoscaler thresholds {cell.up_threshold:g}/"
-        f"{cell.down_threshold:g} outstanding per replica, windows {cell.up_window:g}/{cell.down_window:g} s")
+        f"{cell.down_threshold:g} outstanding per replica, windows {cell.up_window:g}/{cell.down_window:g} s; "
+        f"preferred mode's --max-cpu-loras {cell.resident_loras()} (cell {args.cell})")
     say(f"time: simulators {cell.time_scale:g}x faster than real time; controller sync {s['sync_ms']} ms, "
         f"windows {s['up_window']}/{s['down_window']} s, audit {s['audit']:.2f} s, router scrape "
         f"{s['scrape']:.3f} s (real; every timing scaled by the same factor). Latencies in simulated seconds.")
