@@ -696,6 +696,16 @@ def _capacity_warnings(spec: dict[str, Any], target: TargetScale, ref: tuple[str
         out.append(f"spec.adapters: their minReplicas add up to {_fmt_num(needed)} but {what} has {replicas} "
                    f"replicas x {field} {_fmt_num(per_replica)} = {_fmt_num(slots)} slots; add replicas, raise "
                    f"{field}, or lower minReplicas")
+    elif slots - needed < replicas:
+        # Less than a free slot per replica: a hot adapter has nowhere to gain a replica, and the autoscaler
+        # does what static dispatch does (the benchmark's strict mode with as many adapters as slots).
+        advice = ("run vLLM with a larger --max-cpu-loras (adapters cached in host memory; room for every adapter "
+                  "twice across the fleet is a good start) and set spec.vllm.maxCpuLorasPerReplica to it"
+                  if preferred else "use placementMode preferred with a larger --max-cpu-loras, raise "
+                  "--max-loras, or add replicas")
+        out.append(f"spec.adapters: their minReplicas take {_fmt_num(needed)} of the {_fmt_num(slots)} slots of "
+                   f"{what} ({replicas} replicas x {field} {_fmt_num(per_replica)}), less than one free slot per "
+                   f"replica: hot adapters have no room to scale; {advice}")
     for index, low in enumerate(mins):
         if low > replicas:
             out.append(f"spec.adapters[{index}].minReplicas: {_fmt_num(low)} is more than the {replicas} "
@@ -714,9 +724,6 @@ def _warnings(prepared: dict[str, Any] | None, target: TargetScale | None) -> li
     if not isinstance(spec, dict):
         return []
     out = []
-    if spec.get("placementMode") == "preferred" and _get(spec, "vllm", "maxCpuLorasPerReplica") is None:
-        out.append("spec.placementMode is preferred but spec.vllm.maxCpuLorasPerReplica is not set, so adapters "
-                   "stay resident only up to maxLorasPerReplica; set it to vLLM's --max-cpu-loras")
     period = _num(_get(spec, "scaling", "syncPeriodMilliseconds"))
     if period is not None and period > SYNC_PERIOD_WARN_MILLISECONDS:
         out.append(f"spec.scaling.syncPeriodMilliseconds is {_fmt_num(period)}: above "

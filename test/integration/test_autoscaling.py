@@ -185,6 +185,7 @@ def autoscaler(namespace: str, adapters: list[str], *, max_loras: int, metric: d
     body: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm"},
         "vllm": {"port": 8000, "maxLorasPerReplica": max_loras},
+        "placementMode": "strict",  # copies counted as strict mode makes them; preferred mode is set where tested
         "adapters": [{"name": a, "source": f"/adapters/{a}"} for a in adapters],
         "scaling": {"syncPeriodMilliseconds": 1000, "metric": metric,
                     "scaleUp": {"threshold": 4, "windowSeconds": 1},

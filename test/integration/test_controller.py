@@ -84,6 +84,7 @@ def autoscaler(name: str, namespace: str, target: str, adapters: tuple[str, ...]
     body: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
         "vllm": {"port": 8000, "maxLorasPerReplica": 4, "maxLoadAttempts": 2},
+        "placementMode": "strict",  # the even dispatch these tests check, without preferred mode's fallback copies
         "adapters": [{"name": a, "source": f"/adapters/{a}"} for a in adapters],
         "scaling": {"scaleDown": {"drainTimeoutSeconds": 5}},
     }

@@ -143,8 +143,8 @@ def test_the_registered_webhook_really_judges(control_plane: ControlPlane, webho
 
 
 def test_autoscaler_samples_agree_with_the_vllm_sample() -> None:
-    """The Deployment sample is what the autoscaler sample targets: same name, port and --max-loras, and
-    runtime LoRA updating switched on (without it every load answers 404)."""
+    """The Deployment sample is what the autoscaler sample targets: same name, port, --max-loras and
+    --max-cpu-loras, and runtime LoRA updating switched on (without it every load answers 404)."""
     docs = dict(_documents())
     (deployment,) = [d for d in docs.values() if d["kind"] == "Deployment"]
     autoscalers = [d for d in docs.values() if d["kind"] == AUTOSCALER
@@ -156,8 +156,10 @@ def test_autoscaler_samples_agree_with_the_vllm_sample() -> None:
     assert env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") in ("true", "True", "1")
     assert "--enable-lora" in argv
     max_loras = next(int(a.split("=", 1)[1]) for a in argv if a.startswith("--max-loras="))
+    cpu_loras = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--max-cpu-loras=")), max_loras)
     ports = {p["containerPort"] for p in container["ports"]}
     for auto in autoscalers:
         assert auto["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
         assert auto["spec"]["vllm"]["maxLorasPerReplica"] == max_loras
+        assert auto["spec"]["vllm"].get("maxCpuLorasPerReplica", max_loras) == cpu_loras
         assert auto["spec"]["vllm"]["port"] in ports

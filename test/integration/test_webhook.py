@@ -283,11 +283,11 @@ def test_server_dry_run_applies_the_same_rules_and_writes_nothing(control_plane:
     assert result.returncode != 0
     for expected in _comments(bad, "expect"):
         assert expected in result.stderr
-    good = MANIFESTS / "valid" / "preferred-without-cpu-loras.yaml"
+    good = MANIFESTS / "valid" / "slow-sync.yaml"
     result = apply(control_plane, ns, good, "--dry-run=server")
     assert result.returncode == 0 and "(server dry run)" in result.stdout
-    assert "Warning: spec.placementMode is preferred" in result.stderr
-    assert get(control_plane, ns, "loraautoscaler", "preferred-without-cpu-loras") is None
+    assert "Warning: spec.scaling.syncPeriodMilliseconds is 10000" in result.stderr
+    assert get(control_plane, ns, "loraautoscaler", yaml.safe_load(good.read_text())["metadata"]["name"]) is None
 
 
 def test_the_scale_target_cannot_change_after_creation(control_plane: Any, ns: str, tmp_path: Path) -> None:

@@ -90,6 +90,7 @@ def autoscaler(name: str, namespace: str, target: str, adapters: Sequence[tuple[
     body: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
         "vllm": vllm,
+        "placementMode": "strict",  # the invariants count strict mode's copies
         "adapters": [{"name": a, "source": f"/adapters/{a}", "minReplicas": m} for a, m in adapters],
         "scaling": {"scaleDown": {"drainTimeoutSeconds": drain_timeout}},
     }

@@ -218,6 +218,7 @@ class World:
         body: dict[str, Any] = {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm"},
             "vllm": {"maxLorasPerReplica": max_loras},
+            "placementMode": "strict",  # these tests count copies; preferred mode's are set where they matter
             "adapters": [{"name": f"lora-{i}", "source": f"/adapters/lora-{i}"} for i in range(1, adapters + 1)],
             "scaling": {"scaleUp": {"threshold": 4, "windowSeconds": 2},
                         "scaleDown": {"threshold": 1, "windowSeconds": 10}},

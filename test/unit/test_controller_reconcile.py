@@ -122,6 +122,7 @@ def setup(target="llm"):
         "apiVersion": "loraautoscaler.io/v1alpha1", "kind": "LoRAAutoscaler",
         "metadata": {"name": "a", "namespace": NS, "uid": "uid-a", "generation": 1, "resourceVersion": "5"},
         "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+                 "placementMode": "strict",  # the even dispatch these tests check, without fallback copies
                  "adapters": [{"name": f"lora-{i}", "source": f"/adapters/lora-{i}"} for i in (1, 2, 3)]},
     }
     stores = {name: Store(c, indexes={BY_AUTOSCALER: c.index} if c.index else None) for name, c in caches.items()}

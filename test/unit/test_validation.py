@@ -446,7 +446,7 @@ def test_validate_refuses_an_unknown_kind() -> None:
 def test_capacity_warning_when_minimum_replicas_cannot_fit() -> None:
     adapters = [{"name": f"a{i}", "source": "/m", "minReplicas": 2} for i in range(5)]  # 10 copies
     obj = autoscaler(adapters=adapters, vllm={"maxLorasPerReplica": 4})
-    assert autoscaler_warnings(obj, TargetScale("found", replicas=3)) == []  # 12 slots
+    assert autoscaler_warnings(obj, TargetScale("found", replicas=4)) == []  # 16 slots, 6 free
     warns = autoscaler_warnings(obj, TargetScale("found", replicas=2))  # 8 slots
     assert warns == ["spec.adapters: their minReplicas add up to 10 but Deployment vllm has 2 replicas x "
                      "maxLorasPerReplica 4 = 8 slots; add replicas, raise maxLorasPerReplica, or lower minReplicas"]
@@ -456,9 +456,11 @@ def test_capacity_in_preferred_mode_counts_cpu_loras() -> None:
     adapters = [{"name": f"a{i}", "source": "/m"} for i in range(6)]
     obj = autoscaler(adapters=adapters, placementMode="preferred", vllm={"maxLorasPerReplica": 2,
                                                                          "maxCpuLorasPerReplica": 6})
-    assert autoscaler_warnings(obj, TargetScale("found", replicas=1)) == []
-    strict = autoscaler(adapters=adapters, vllm={"maxLorasPerReplica": 2, "maxCpuLorasPerReplica": 6})
-    assert "slots" in autoscaler_warnings(strict, TargetScale("found", replicas=1))[0]
+    assert autoscaler_warnings(obj, TargetScale("found", replicas=2)) == []  # 12 slots, 6 free
+    strict = autoscaler(adapters=adapters, placementMode="strict",
+                        vllm={"maxLorasPerReplica": 2, "maxCpuLorasPerReplica": 6})
+    assert "add up to 6 but Deployment vllm has 2 replicas x maxLorasPerReplica 2 = 4 slots" in \
+        autoscaler_warnings(strict, TargetScale("found", replicas=2))[0]
 
 
 def test_an_adapter_wanting_more_replicas_than_exist_is_warned() -> None:
@@ -486,9 +488,27 @@ def test_sync_period_above_five_seconds_is_warned(period: int, warned: bool) -> 
     assert bool(warns) is warned
 
 
-def test_preferred_without_cpu_loras_is_warned() -> None:
-    assert len(autoscaler_warnings(autoscaler(placementMode="preferred"))) == 1
-    assert autoscaler_warnings(autoscaler(placementMode="preferred", vllm={"maxCpuLorasPerReplica": 8})) == []
+@pytest.mark.parametrize(("adapters", "mode", "cpu", "warned"), [
+    (8, "preferred", None, True),  # 8 minimums in 2 x 4 slots: nothing free
+    (7, "preferred", None, True),  # one free slot for two replicas
+    (6, "preferred", None, False),  # one free slot per replica
+    (8, "preferred", 8, False),  # a CPU cache of 8: 16 slots
+    (8, "strict", 8, True),  # strict mode counts --max-loras only
+])
+def test_too_little_room_to_scale_is_warned_with_advice_for_the_mode(adapters: int, mode: str, cpu: int | None,
+                                                                      warned: bool) -> None:
+    vllm: dict[str, Any] = {"maxLorasPerReplica": 4}
+    if cpu is not None:
+        vllm["maxCpuLorasPerReplica"] = cpu
+    obj = autoscaler(adapters=[{"name": f"a{i}", "source": "/m"} for i in range(adapters)], placementMode=mode,
+                     vllm=vllm)
+    warns = autoscaler_warnings(obj, TargetScale("found", replicas=2))
+    assert bool(warns) is warned, warns
+    if warned:
+        assert warns[0].startswith(f"spec.adapters: their minReplicas take {adapters} of the 8 slots of Deployment "
+                                   "vllm (2 replicas x maxLorasPerReplica 4), less than one free slot per replica")
+        assert ("--max-cpu-loras" in warns[0]) and (("placementMode preferred" in warns[0]) is (mode == "strict"))
+    assert autoscaler_warnings(obj, None) == []  # without the target's replicas nothing is said
 
 
 def test_scale_target_ref_only_when_usable() -> None:
@@ -621,11 +641,11 @@ def test_fast_and_full_schema_validators_agree(spec: Any) -> None:
 def test_review_gives_problems_or_warnings_and_a_patch_for_the_object_as_given() -> None:
     from api.validation import review
 
-    obj = autoscaler(vllm=None, placementMode="preferred")
+    obj = autoscaler(vllm=None, placementMode="preferred", scaling={"syncPeriodMilliseconds": 10000})
     obj["spec"]["adapters"] = [{"name": "a", "source": "/m", "maxReplicas": None}, {"name": "b", "source": "/n"}]
     result = review(AS, obj)
     assert result.problems == []
-    assert result.warnings and result.warnings[0].startswith("spec.placementMode is preferred")
+    assert result.warnings and result.warnings[0].startswith("spec.scaling.syncPeriodMilliseconds is 10000")
     patched = apply_patch(obj, list(result.patch))
     assert patched["spec"]["vllm"]["maxLorasPerReplica"] == 4
     assert [a["minReplicas"] for a in patched["spec"]["adapters"]] == [1, 1]

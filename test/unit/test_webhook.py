@@ -148,9 +148,8 @@ def test_validate_allows_with_warnings_from_the_target_read() -> None:
             obj = autoscaler(adapters=[{"name": f"a{i}", "source": "/m"} for i in range(5)], placementMode="preferred")
             response = (await post(client, "/validate", review(obj)))[1]["response"]
             assert response["allowed"] is True and "patch" not in response
-            assert len(response["warnings"]) == 2
-            assert response["warnings"][0].startswith("spec.placementMode is preferred")
-            assert "their minReplicas add up to 5 but Deployment vllm has 1 replicas" in response["warnings"][1]
+            assert len(response["warnings"]) == 1
+            assert "their minReplicas add up to 5 but Deployment vllm has 1 replicas" in response["warnings"][0]
             assert lookup.calls == [("team-a", "apps/v1", "Deployment", "vllm")]
 
     run(body)
