@@ -704,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the primary cell or one of the placement study's guard cells")
     p.add_argument("--adapters", type=int, help="number of adapters")
     p.add_argument("--max-loras", type=int, help="vLLM's --max-loras of every replica")
+    p.add_argument("--cpu-loras", type=int, help="vLLM's --max-cpu-loras of the preferred mode's replicas "
+                   "(default: room for every adapter twice across the fleet, at least 2 x --max-loras)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
     p.add_argument("--duration", type=float, help="simulated seconds of arrivals")
     p.add_argument("--time-scale", type=float, help="simulators this many times faster than real time")
@@ -730,15 +732,18 @@ def main(argv: list[str] | None = None) -> int:
                                    ("load", args.load), ("zipf", args.zipf), ("seed", args.seed),
                                    ("up_threshold", args.up_threshold), ("down_threshold", args.down_threshold),
                                    ("up_window", args.up_window), ("down_window", args.down_window),
-                                   ("adapters", args.adapters), ("max_loras", args.max_loras))
+                                   ("adapters", args.adapters), ("max_loras", args.max_loras),
+                                   ("cpu_loras", args.cpu_loras))
                  if v is not None}
     if overrides:
         cell = Cell(**{**asdict(cell), **overrides})
     if cell.time_scale <= 0 or cell.duration <= 0 or not 0 < cell.load <= 2:
         print("--time-scale and --duration must be positive and --load in (0, 2]", file=sys.stderr)
         return 2
-    if cell.adapters < 1 or not 1 <= cell.max_loras <= 256:
-        print("--adapters must be at least 1 and --max-loras within 1-256", file=sys.stderr)
+    if cell.adapters < 1 or not 1 <= cell.max_loras <= 256 or not (cell.cpu_loras == 0 or
+                                                                    cell.max_loras <= cell.cpu_loras <= 256):
+        print("--adapters must be at least 1, --max-loras within 1-256 and --cpu-loras within --max-loras-256",
+              file=sys.stderr)
         return 2
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
