@@ -41,11 +41,10 @@ def test_a_copy_on_a_pod_that_restarted_since_its_load_is_not_listed():
                         created="2026-01-01T00:00:00Z", node="n1")
     moved = pod("p2", "10.0.0.9")
     same = pod("p3", "10.0.0.4")
-    at_load = {"loaded_restarts": 0}
     table = render(inp([
-        PlacementRoute("lora-1", "p1", "uid-p1", "Loaded", loaded_ip="10.0.0.2", **at_load),
-        PlacementRoute("lora-1", "p2", "uid-p2", "Loaded", loaded_ip="10.0.0.3", **at_load),
-        PlacementRoute("lora-1", "p3", "uid-p3", "Loaded", loaded_ip="10.0.0.4", **at_load),
+        PlacementRoute("lora-1", "p1", "uid-p1", "Loaded", loaded_ip="10.0.0.2", loaded_restarts=0),
+        PlacementRoute("lora-1", "p2", "uid-p2", "Loaded", loaded_ip="10.0.0.3", loaded_restarts=0),
+        PlacementRoute("lora-1", "p3", "uid-p3", "Loaded", loaded_ip="10.0.0.4", loaded_restarts=0),
         PlacementRoute("lora-2", "p1", "uid-p1", "Loaded"),  # nothing recorded at load: listed as before
     ], [restarted, moved, same]))
     assert table.routable["lora-1"] == ["p3"]
