@@ -117,7 +117,9 @@ def test_the_fleet_runs_and_the_autoscaler_loads_every_adapter(
         items = json.loads(cp.kubectl("get", "loraplacements", "-n", namespace, "-o", "json").stdout)["items"]
         out: dict[str, set[str]] = {}
         for p in items:
-            if (p.get("status") or {}).get("phase") == "Loaded" and not p["spec"].get("retire"):
+            # The preferred copies are the dispatch (preferred mode, the default, adds warm fallback copies).
+            if (p.get("status") or {}).get("phase") == "Loaded" and not p["spec"].get("retire") \
+                    and p["spec"].get("preferred", True):
                 out.setdefault(p["spec"]["podName"], set()).add(p["spec"]["adapter"])
         return out if sum(len(v) for v in out.values()) == len(adapters) else None
 
