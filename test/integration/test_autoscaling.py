@@ -389,6 +389,23 @@ def events(kube: KubeClient, namespace: str) -> list[dict[str, Any]]:
 # --- 1. scale up and down on a skewed load ------------------------------------------------------------------
 
 
+def skewed_load(router: Router) -> Load:
+    """10 clients keep lora-1 busy (10 outstanding on one replica, threshold 4 per replica); the two others
+    get a trickle."""
+    return Load("127.0.0.1", router.port, {"lora-1": 10, "lora-2": 1, "lora-3": 1},
+                pause={"lora-2": 0.5, "lora-3": 0.5}).start()
+
+
+def crossing_time(router: Router) -> float:
+    """When the router first counts lora-1 above the scale-up threshold (4 outstanding on one replica)."""
+    def crossed() -> float | None:
+        entry = router.load()["models"].get("lora-1") or {}
+        return time.monotonic() if entry.get("in_flight", 0) > 4 else None
+
+    result: float = wait_until(crossed, timeout=20, what="lora-1's load crossing the threshold", interval=0.02)
+    return result
+
+
 def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(stack: Stack) -> None:
     cp, namespace, kube, router = stack.cp, stack.namespace, stack.kube, stack.router
     adapters = ["lora-1", "lora-2", "lora-3"]
@@ -403,16 +420,9 @@ def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(stack
                    what="the router routing every adapter")
         armed = time.monotonic()
 
-        # Skewed load: 10 clients keep lora-1 busy (10 outstanding on one replica, threshold 4 per replica);
-        # the two others get a trickle.
-        load = Load("127.0.0.1", router.port, {"lora-1": 10, "lora-2": 1, "lora-3": 1},
-                    pause={"lora-2": 0.5, "lora-3": 0.5}).start()
+        load = skewed_load(router)
         try:
-            def crossed() -> float | None:
-                entry = router.load()["models"].get("lora-1") or {}
-                return time.monotonic() if entry.get("in_flight", 0) > 4 else None
-
-            t_cross = wait_until(crossed, timeout=20, what="lora-1's load crossing the threshold", interval=0.02)
+            t_cross = crossing_time(router)
             t_gain = wait_until(lambda: slices.first("lora-1", armed, lambda n: n >= 2), timeout=15,
                                 what="lora-1 routable on a second replica")
             gained_after = t_gain - t_cross
@@ -469,14 +479,9 @@ def test_in_preferred_mode_a_hot_adapter_is_promoted_on_its_warm_copies_without_
         copies = placements()
         assert copies == 9
         armed = time.monotonic()
-        load = Load("127.0.0.1", router.port, {"lora-1": 10, "lora-2": 1, "lora-3": 1},
-                    pause={"lora-2": 0.5, "lora-3": 0.5}).start()
+        load = skewed_load(router)
         try:
-            def crossed() -> float | None:
-                entry = router.load()["models"].get("lora-1") or {}
-                return time.monotonic() if entry.get("in_flight", 0) > 4 else None
-
-            t_cross = wait_until(crossed, timeout=20, what="lora-1's load crossing the threshold", interval=0.02)
+            t_cross = crossing_time(router)
             t_gain = wait_until(lambda: slices.first("lora-1", armed, lambda n: n >= 2, tier=preferred),
                                 timeout=15, what="lora-1 preferred on a second replica")
             print(f"lora-1 preferred on a second replica {t_gain - t_cross:.2f}s after its load crossed the threshold")
