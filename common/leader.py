@@ -151,20 +151,24 @@ class LeaderElector:
                 target=self._guard, args=(self.on_started_leading, lead_stop), name=f"leading-{self.name}", daemon=True
             )
             worker.start()
+        lost = False
         try:
             lost = self._renew_loop()
         finally:
+            lead_stop.set()
+            # Let the work wind down before anyone may lead: after a lost renewal another candidate can
+            # take the lease once it expires (lease_duration - renew_deadline from now at the earliest);
+            # after a release, at once.
+            if worker is not None:
+                grace = self.lease_duration - self.renew_deadline if lost else self.lease_duration
+                worker.join(grace)
+                if worker.is_alive():
+                    log.warning("work of %s still running after %.0fs of stepping down", self.name, grace)
             self._leading.clear()
             metrics.LEADER.labels(self.name).set(0)
-            lead_stop.set()
         if lost:
             log.warning("%s lost lease %s/%s: could not renew", self.identity, self.namespace, self.name)
         elif self._release and self.release_on_cancel:
-            # Let the work wind down before the lease is handed on, so two leaders never overlap.
-            if worker is not None:
-                worker.join(self.lease_duration)
-                if worker.is_alive():
-                    log.warning("work of %s still running after %.0fs; releasing", self.name, self.lease_duration)
             self._release_lease()
         if self.on_stopped_leading is not None:
             self._guard(self.on_stopped_leading)

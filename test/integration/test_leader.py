@@ -139,10 +139,11 @@ def test_leader_steps_down_when_it_cannot_renew(control_plane: ControlPlane, kub
     terms = Terms()
     a = terms.elector(kube, namespace, "a")
     a.start()
+    down = threading.Thread(target=control_plane.restart_apiserver, kwargs={"downtime": RENEW + 2.0})
     try:
         assert a.wait_for_leadership(10)
-        # The API server is away for longer than the renew deadline: the leader must stop its work.
-        down = threading.Thread(target=control_plane.restart_apiserver, kwargs={"downtime": RENEW + 2.0})
+        # The API server is away for longer than the renew deadline: the leader must stop its work,
+        # and it is no longer leader only once that work has stopped.
         down.start()
         wait_until(lambda: not a.is_leader(), timeout=RENEW + 10, what="the leader to step down")
         assert terms.work_stopped["a"].is_set()
@@ -152,6 +153,8 @@ def test_leader_steps_down_when_it_cannot_renew(control_plane: ControlPlane, kub
         assert terms.starts() == ["a", "a"]
     finally:
         a.stop()
+        if down.is_alive():
+            down.join(60)  # later tests need the API server back
 
 
 def test_bad_timings_are_rejected(kube: KubeClient) -> None:
