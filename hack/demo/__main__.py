@@ -2,7 +2,7 @@
 
 A real control plane, a vLLM fleet of simulators, the webhook, the controller and the router; a skewed
 load whose hot adapter moves; a live view each second; a summary, plots and a JSON summary at the end.
-Every process started here is stopped at the end, on an error and on Ctrl-C.
+Every process started here is stopped at the end, on an error, on Ctrl-C (SIGINT) and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -102,6 +102,16 @@ def live(cluster: DemoCluster, runner: LoadRunner, phases: list[Phase], *, durat
             time.sleep(max(0.0, tick - runner.elapsed()))
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so both take the same clean-up path."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted()
+
+
 def _still_cleaning_up(signum: int, frame: FrameType | None) -> None:
     print("still cleaning up, one moment", flush=True)
 
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[Sample] = []
     lora_calls: dict[str, dict[str, int]] = {}
     code = 0
+    # A shell that starts the demo in the background without job control leaves SIGINT ignored; SIGTERM
+    # (what `kill` and process managers send) is always honoured, with the same clean-up as Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         cluster.start()
         cluster.deploy(args.replicas)
@@ -132,19 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         runner.start()
         live(cluster, runner, phases, duration=args.duration, out=out, samples=samples)
         lora_calls = count_lora_calls(cluster.pod_addresses())
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as exc:
+        code = 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
         print("\ninterrupted: stopping everything the demo started", flush=True)
     except Exception as exc:
         code = 1
         print(f"\ndemo failed: {exc}\nlogs are in {out / 'logs'}", file=sys.stderr, flush=True)
     finally:
-        previous = signal.signal(signal.SIGINT, _still_cleaning_up)
+        previous = {sig: signal.signal(sig, _still_cleaning_up) for sig in (signal.SIGINT, signal.SIGTERM)}
         if runner is not None:
             runner.stop()
         cluster.stop()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     pids = started_pids()
     left = [pid for pid in pids if pid_alive(pid)]
     say(f"still running, though they should not be: {left}" if left else
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if runner is None or not samples:
         return code or 1
     records = list(runner.records)
-    summary = summarise(records, phases, samples, lora_calls, interrupted=code == 130)
+    summary = summarise(records, phases, samples, lora_calls, interrupted=code > 128)
     plots = write_plots(out, samples, records, phases)
     summary["processes"] = {"pids": pids, "left_running": left}
     summary["files"] = {"plots": [str(p) for p in plots], "logs": str(out / "logs"), "live": str(out / "live.txt")}
