@@ -241,11 +241,11 @@ class LoRAAutoscalerSpec:
     pod_selector: LabelSelector | None = prop(None, description="Narrows the target's pods to those serving "
                                               "the API (e.g. leader pods of a multi-host group).")
     vllm: VLLMEndpoint = prop(default_factory=VLLMEndpoint, description="How to reach vLLM on each pod.")
-    placement_mode: PlacementMode = prop("strict", description="strict: at most maxLorasPerReplica adapters "
-                                         "per replica, requests only to holders. preferred (recommended, see "
+    placement_mode: PlacementMode = prop("preferred", description="preferred (default, see "
                                          "docs/autoscaling.md): adapters stay resident on up to "
                                          "maxCpuLorasPerReplica per replica; the route table marks preferred "
-                                         "holders and routers spill over.")
+                                         "holders and routers spill over. strict: at most maxLorasPerReplica "
+                                         "adapters per replica, requests only to holders.")
     scaling: ScalingSpec = prop(default_factory=ScalingSpec, description="Load signal and hysteresis.")
     pod_autoscaling: PodAutoscalingSpec = prop(default_factory=PodAutoscalingSpec,
                                                description="The hand-over to pod autoscaling.")

@@ -30,7 +30,7 @@ targets require.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -646,6 +646,38 @@ class ResidentPlan:
         return pod in self.preferred.get(adapter, frozenset())
 
 
+def _even_out_preferred(preferred: dict[str, set[str]], resident: Mapping[str, set[str]], pods: Sequence[str],
+                        avoid: Mapping[str, frozenset[str]]) -> None:
+    """Move preferred holders from a pod with two more than another to it, where the adapter is resident.
+
+    Such a move is free (a promotion and a demotion, no load), and the strict plan, being sticky, would
+    otherwise leave the tier as uneven as scale-downs made it. Each move lowers the sum of squared pod
+    counts, so this ends; the choices are deterministic (pod order, then spec order).
+    """
+    order = {p: i for i, p in enumerate(pods)}
+    count = dict.fromkeys(pods, 0)
+    for held in preferred.values():
+        for p in held:
+            if p in count:
+                count[p] += 1
+    moved = True
+    while moved:
+        moved = False
+        for adapter, held in preferred.items():
+            blocked = avoid.get(adapter, frozenset())
+            for src in sorted(held, key=lambda p: order.get(p, len(order))):
+                spare = [p for p in resident.get(adapter, ()) if p in count and p not in held and p not in blocked]
+                if src not in count or not spare:
+                    continue
+                dst = min(spare, key=lambda p: (count[p], order[p]))
+                if count[src] - count[dst] >= 2:
+                    held.discard(src)
+                    held.add(dst)
+                    count[src] -= 1
+                    count[dst] += 1
+                    moved = True
+
+
 def plan_resident(inp: ResidentInput) -> ResidentPlan:
     """Preferred-mode placement; pure and deterministic like :func:`plan`."""
     if isinstance(inp.resident_capacity, bool) or not isinstance(inp.resident_capacity, int) \
@@ -685,12 +717,15 @@ def plan_resident(inp: ResidentInput) -> ResidentPlan:
             pref_load[p] += 1
             promoted += 1
 
-    # 2. The preferred tier, as strict mode places it (sticky, even, idle pods filled).
+    # 2. The preferred tier, as strict mode places it (sticky, even), but exactly as many holders as the
+    # policy wants: a pod without preferred adapters still serves the spill-over from its resident copies,
+    # so extra preferred copies on idle pods would only keep an adapter's tier above its desired count.
     tier = plan(PlacementInput(pods=inp.pods, capacity=inp.capacity, adapters=inp.adapters,
                                current={a: frozenset(s) for a, s in seeded.items()},
-                               avoid={a: s for a, s in avoid.items() if s}, fill_idle_pods=True))
+                               avoid={a: s for a, s in avoid.items() if s}, fill_idle_pods=False))
     preferred = {a: set(tier.assignment.get(a, empty)) for a in names}
-    promoted = sum(len((seeded[a] - pref_now[a]) & preferred[a]) for a in names)
+    _even_out_preferred(preferred, {a: pref_now[a] | fb_now[a] for a in names}, inp.pods, avoid)
+    promoted = sum(len((preferred[a] - pref_now[a]) & fb_now[a]) for a in names)
 
     # 3. Fallback copies: what was resident (preferred or not) and is no longer preferred stays resident
     # while its pod has room; a pod over its resident capacity drops the copies of adapters with the most

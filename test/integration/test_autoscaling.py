@@ -454,8 +454,6 @@ def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(stack
     assert {"ScaledUp", "ScaledDown"} <= reasons, reasons
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: in preferred mode, once a hot adapter's load stops "
-                   "altogether, its status keeps the last load and it keeps its extra preferred holders")
 def test_in_preferred_mode_a_hot_adapter_is_promoted_on_its_warm_copies_without_a_load(stack: Stack) -> None:
     """The default mode: spare cache slots hold warm fallback copies, so scaling up is a promotion."""
     cp, namespace, kube, router = stack.cp, stack.namespace, stack.kube, stack.router
@@ -493,10 +491,17 @@ def test_in_preferred_mode_a_hot_adapter_is_promoted_on_its_warm_copies_without_
         finally:
             load.finish()
         assert load.count("lora-1") > 20 and load.count("lora-2") > 0 and load.count("lora-3") > 0
-        wait_until(lambda: slices.routable("lora-1", preferred) == 1
-                   and adapter_status(kube, namespace, "lora-1").get("desiredReplicas") == 1, timeout=45,
-                   what=f"lora-1 back at its minimum (status {status(kube, namespace)}, router "
-                        f"{router.load()})")
+        last: dict[str, Any] = {}
+
+        def back_at_minimum() -> bool:
+            last.update(status=adapter_status(kube, namespace, "lora-1"), router=router.load()["models"]["lora-1"],
+                        preferred=slices.routable("lora-1", preferred))
+            return last["preferred"] == 1 and last["status"].get("desiredReplicas") == 1
+
+        try:
+            wait_until(back_at_minimum, timeout=45, what="lora-1 back at its minimum")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; last seen: {last}") from None
         assert slices.routable("lora-1") == 3  # demoted, still warm for the next time it is hot
         assert placements() == copies
         lowest = slices.lowest(armed)

@@ -779,6 +779,12 @@ def test_resident_plans_keep_both_budgets_and_stay_sticky(inp: ResidentInput) ->
     for t in inp.adapters:  # the preferred tier gets what fits, the shortfall says what does not
         reachable = min(t.replicas, len(inp.pods) - len(inp.avoid.get(t.name, frozenset())))
         assert len(out.preferred[t.name]) + out.shortfall.get(t.name, 0) >= reachable
+        assert len(out.preferred[t.name]) <= t.replicas, "more preferred holders than the policy wants"
+    for t in inp.adapters:  # even: no free move (to a pod where it stays resident) would narrow the spread
+        for src in out.preferred[t.name]:
+            for dst in out.assignment[t.name] - out.preferred[t.name] - inp.avoid.get(t.name, frozenset()):
+                if dst in (inp.preferred.get(t.name, frozenset()) | inp.fallback.get(t.name, frozenset())):
+                    assert pref_pod[src] - pref_pod[dst] < 2, f"{t.name} could move from {src} to {dst}"
     for t in inp.adapters:  # a copy that was resident stays while its pod has room
         before = (inp.preferred.get(t.name, frozenset()) | inp.fallback.get(t.name, frozenset())) & set(inp.pods)
         for p in before - inp.avoid.get(t.name, frozenset()):
@@ -808,6 +814,27 @@ def test_a_new_preferred_holder_is_a_warm_copy_when_one_has_room() -> None:
                                        fallback={"hot": frozenset({"p1"})}))
     assert back.preferred["hot"] == {"p0"} and back.assignment["hot"] == {"p0", "p1", "p2"}
     assert not back.remove and all(a != "hot" for a, _ in back.add)
+
+
+def test_a_preferred_tier_scaled_down_holds_what_the_policy_wants_spread_by_free_moves() -> None:
+    pods = ("p0", "p1", "p2")
+    everywhere = frozenset(pods)
+    targets = (AdapterTarget("lora-1", 1), AdapterTarget("lora-2", 1), AdapterTarget("lora-3", 1))
+    # lora-1 was hot on every pod; lora-2 and lora-3 share p0's tier. Back to one replica each, lora-1
+    # keeps one preferred holder (not one more on the pod it would leave idle), and the tier evens out
+    # by a promotion and a demotion: nothing is loaded or unloaded.
+    preferred = {"lora-1": everywhere, "lora-2": frozenset({"p0"}), "lora-3": frozenset({"p0"})}
+    out = plan_resident(ResidentInput(pods=pods, capacity=3, resident_capacity=3, adapters=targets,
+                                      preferred=preferred,
+                                      fallback={a: everywhere - held for a, held in preferred.items()}))
+    assert {a: len(held) for a, held in out.preferred.items()} == {"lora-1": 1, "lora-2": 1, "lora-3": 1}
+    assert sorted(p for held in out.preferred.values() for p in held) == ["p0", "p1", "p2"]
+    assert not out.add and not out.remove and out.promoted == 1
+    # A pod where the adapter is not resident is no free move: the tier stays as it is.
+    stuck = plan_resident(ResidentInput(pods=pods, capacity=3, resident_capacity=3, adapters=targets[1:],
+                                        preferred={"lora-2": frozenset({"p0"}), "lora-3": frozenset({"p0"})},
+                                        fallback={}, max_new_fallback=0))
+    assert stuck.preferred == {"lora-2": {"p0"}, "lora-3": {"p0"}} and not stuck.add
 
 
 def test_a_scale_down_removes_the_copies_scale_ups_added_not_the_first() -> None:
