@@ -415,18 +415,25 @@ class Fleet:
                 return st.get("readyAdapters") == cell.adapters
 
             wait_until(placed, timeout=180, what="every adapter routable")
-            # Let the first placement settle (preferred mode fills spare resident slots a few per sync), so
-            # that loads per minute measure what the trace causes, not the fleet's first fill.
+            # Let the first placement settle (preferred mode fills spare resident slots one a pod per sync),
+            # so that loads per minute measure what the trace causes, not the fleet's first fill: in preferred
+            # mode every resident slot is taken (or every adapter is on every pod), in strict mode the
+            # copies stop changing.
             counts: list[int] = []
+            full = (min(cell.resident_loras(), cell.adapters) * cell.replicas
+                    if policy.controller == "preferred" else 0)
 
             def settled() -> bool:
                 st = (self.kube.get(LORA_AUTOSCALERS, AUTOSCALER, ns).get("status") or {})
                 progressing = next((c["status"] for c in st.get("conditions") or [] if c["type"] == "Progressing"),
                                    "True")
                 counts.append(sum(a.get("loadedReplicas", 0) for a in st.get("adapters") or []))
-                return progressing == "False" and len(counts) >= 4 and len(set(counts[-4:])) == 1
+                return (progressing == "False" and counts[-1] >= full and len(counts) >= 4
+                        and len(set(counts[-4:])) == 1)
 
-            wait_until(settled, timeout=180, what="the first placement settled", interval=1.0)
+            fill_syncs = full / cell.replicas
+            wait_until(settled, timeout=180 + 2 * fill_syncs * s["sync_ms"] / 1000, what="the first placement settled",
+                       interval=1.0)
             router_args += ["--namespace", ns, "--autoscaler", AUTOSCALER]
         router = self._spawn("router", *router_args)
 

@@ -646,36 +646,37 @@ class ResidentPlan:
         return pod in self.preferred.get(adapter, frozenset())
 
 
-def _even_out_preferred(preferred: dict[str, set[str]], resident: Mapping[str, set[str]], pods: Sequence[str],
-                        avoid: Mapping[str, frozenset[str]]) -> None:
-    """Move preferred holders from a pod with two more than another to it, where the adapter is resident.
+def _give_idle_pods_a_preferred_holder(preferred: dict[str, set[str]], resident: Mapping[str, set[str]],
+                                       pods: Sequence[str], avoid: Mapping[str, frozenset[str]],
+                                       coldest_first: Sequence[str]) -> None:
+    """Move a preferred holder to each pod that has none, from a pod with two or more, where it is resident.
 
-    Such a move is free (a promotion and a demotion, no load), and the strict plan, being sticky, would
-    otherwise leave the tier as uneven as scale-downs made it. Each move lowers the sum of squared pod
-    counts, so this ends; the choices are deterministic (pod order, then spec order).
+    Such a move is free (a promotion and a demotion, no load). Placement is sticky, so a scale-down can
+    leave a pod without any preferred holder while another has several; strict mode would add an extra
+    copy there, which in preferred mode would keep an adapter above its desired count. Only idle pods are
+    served, and the coldest adapters move first: moving holders between busy pods would shift traffic
+    (and LoRA slots) for nothing. Deterministic: pod order, then ``coldest_first``.
     """
-    order = {p: i for i, p in enumerate(pods)}
     count = dict.fromkeys(pods, 0)
-    for held in preferred.values():
-        for p in held:
+    for holders in preferred.values():
+        for p in holders:
             if p in count:
                 count[p] += 1
-    moved = True
-    while moved:
-        moved = False
-        for adapter, held in preferred.items():
-            blocked = avoid.get(adapter, frozenset())
-            for src in sorted(held, key=lambda p: order.get(p, len(order))):
-                spare = [p for p in resident.get(adapter, ()) if p in count and p not in held and p not in blocked]
-                if src not in count or not spare:
-                    continue
-                dst = min(spare, key=lambda p: (count[p], order[p]))
-                if count[src] - count[dst] >= 2:
-                    held.discard(src)
-                    held.add(dst)
-                    count[src] -= 1
-                    count[dst] += 1
-                    moved = True
+    for dst in pods:
+        if count[dst]:
+            continue
+        for adapter in coldest_first:
+            held = preferred.get(adapter)
+            if not held or dst in held or dst not in resident.get(adapter, ()) or dst in avoid.get(adapter, ()):
+                continue
+            src = next((p for p in pods if p in held and count[p] >= 2), None)
+            if src is None:
+                continue
+            held.discard(src)
+            held.add(dst)
+            count[src] -= 1
+            count[dst] += 1
+            break
 
 
 def plan_resident(inp: ResidentInput) -> ResidentPlan:
@@ -718,13 +719,16 @@ def plan_resident(inp: ResidentInput) -> ResidentPlan:
             promoted += 1
 
     # 2. The preferred tier, as strict mode places it (sticky, even), but exactly as many holders as the
-    # policy wants: a pod without preferred adapters still serves the spill-over from its resident copies,
-    # so extra preferred copies on idle pods would only keep an adapter's tier above its desired count.
+    # policy wants (no extra copies on idle pods, which would keep an adapter above its desired count);
+    # a pod left without preferred holders gets one by a free move where possible.
     tier = plan(PlacementInput(pods=inp.pods, capacity=inp.capacity, adapters=inp.adapters,
                                current={a: frozenset(s) for a, s in seeded.items()},
                                avoid={a: s for a, s in avoid.items() if s}, fill_idle_pods=False))
     preferred = {a: set(tier.assignment.get(a, empty)) for a in names}
-    _even_out_preferred(preferred, {a: pref_now[a] | fb_now[a] for a in names}, inp.pods, avoid)
+    heat = {a: len(inp.spare_order) - i for i, a in enumerate(inp.spare_order)}  # hottest highest; unknown 0
+    coldest_first = [a for _, a in sorted((heat.get(a, 0), a) for a in names)]
+    _give_idle_pods_a_preferred_holder(preferred, {a: pref_now[a] | fb_now[a] for a in names}, inp.pods, avoid,
+                                       coldest_first)
     promoted = sum(len((preferred[a] - pref_now[a]) & fb_now[a]) for a in names)
 
     # 3. Fallback copies: what was resident (preferred or not) and is no longer preferred stays resident
