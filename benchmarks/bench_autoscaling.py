@@ -431,8 +431,9 @@ class Fleet:
                 return (progressing == "False" and counts[-1] >= full and len(counts) >= 4
                         and len(set(counts[-4:])) == 1)
 
+            # One fallback copy a pod per sync, and a sync over 100+ adapters on two cores takes a few periods.
             fill_syncs = full / cell.replicas
-            wait_until(settled, timeout=180 + 2 * fill_syncs * s["sync_ms"] / 1000, what="the first placement settled",
+            wait_until(settled, timeout=180 + 5 * fill_syncs * s["sync_ms"] / 1000, what="the first placement settled",
                        interval=1.0)
             router_args += ["--namespace", ns, "--autoscaler", AUTOSCALER]
         router = self._spawn("router", *router_args)

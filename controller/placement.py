@@ -657,19 +657,26 @@ def _give_idle_pods_a_preferred_holder(preferred: dict[str, set[str]], resident:
     served, and the coldest adapters move first: moving holders between busy pods would shift traffic
     (and LoRA slots) for nothing. Deterministic: pod order, then ``coldest_first``.
     """
+    order = {p: i for i, p in enumerate(pods)}
     count = dict.fromkeys(pods, 0)
     for holders in preferred.values():
         for p in holders:
             if p in count:
                 count[p] += 1
-    for dst in pods:
-        if count[dst]:
-            continue
-        for adapter in coldest_first:
+    idle = [p for p in pods if not count[p]]
+    if not idle:
+        return
+    resident_here: dict[str, list[str]] = {p: [] for p in idle}  # coldest first
+    for adapter in coldest_first:
+        for p in resident.get(adapter, ()):
+            if p in resident_here:
+                resident_here[p].append(adapter)
+    for dst in idle:
+        for adapter in resident_here[dst]:
             held = preferred.get(adapter)
-            if not held or dst in held or dst not in resident.get(adapter, ()) or dst in avoid.get(adapter, ()):
+            if not held or dst in held or dst in avoid.get(adapter, ()):
                 continue
-            src = next((p for p in pods if p in held and count[p] >= 2), None)
+            src = min((p for p in held if count.get(p, 0) >= 2), key=order.__getitem__, default=None)
             if src is None:
                 continue
             held.discard(src)
@@ -756,21 +763,37 @@ def plan_resident(inp: ResidentInput) -> ResidentPlan:
     budget = inp.max_new_fallback
     if budget is None:
         budget = len(inp.pods) * inp.resident_capacity
+    wanted = {t.name for t in inp.adapters if t.replicas > 0}
     heap = [(len(preferred[a]) + len(fallback[a]), rank.get(a, len(rank) + spec_index[a]), a)
-            for a in names if any(t.name == a and t.replicas > 0 for t in inp.adapters)]
+            for a in names if a in wanted]
     heapq.heapify(heap)
-    while heap and budget > 0:
+    # Pods with room, the emptiest first (ties: pod order); entries go stale when a pod's total changes.
+    rooms = [(total[p], order[p], p) for p in inp.pods if total[p] < inp.resident_capacity]
+    heapq.heapify(rooms)
+    while heap and budget > 0 and rooms:
         copies, r, a = heapq.heappop(heap)
         if copies != len(preferred[a]) + len(fallback[a]):
             continue  # stale
         held = preferred[a] | fallback[a]
-        room = [p for p in inp.pods if total[p] < inp.resident_capacity and p not in held
-                and p not in avoid[a]]
-        if not room:
+        aside: list[tuple[int, int, str]] = []
+        chosen: str | None = None
+        while rooms:
+            entry = heapq.heappop(rooms)
+            if entry[0] != total[entry[2]]:
+                continue  # stale
+            if entry[2] in held or entry[2] in avoid[a]:
+                aside.append(entry)
+                continue
+            chosen = entry[2]
+            break
+        for entry in aside:
+            heapq.heappush(rooms, entry)
+        if chosen is None:
             continue  # this adapter is resident everywhere it may be
-        p = min(room, key=lambda q: (total[q], order[q]))
-        fallback[a].add(p)
-        total[p] += 1
+        fallback[a].add(chosen)
+        total[chosen] += 1
+        if total[chosen] < inp.resident_capacity:
+            heapq.heappush(rooms, (total[chosen], order[chosen], chosen))
         budget -= 1
         heapq.heappush(heap, (copies + 1, r, a))
 
