@@ -430,7 +430,7 @@ def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(stack
             assert gained_after <= 3.0, f"lora-1 gained its second replica {gained_after:.2f}s after the crossing"
             wait_until(lambda: adapter_status(kube, namespace, "lora-1").get("desiredReplicas") == 3
                        and slices.routable("lora-1") == 3, timeout=20,
-                       what=f"lora-1 on all 3 replicas (status {adapter_status(kube, namespace, 'lora-1')})")
+                       what=lambda: f"lora-1 on all 3 replicas (status {adapter_status(kube, namespace, 'lora-1')})")
             lora1 = adapter_status(kube, namespace, "lora-1")
             assert lora1["load"] is not None and lora1["load"] > 1 and lora1["lastScaleTime"]
             time.sleep(2.0)  # the load holds: nothing changes (load 10/3 is between the thresholds)
@@ -442,7 +442,7 @@ def test_a_hot_adapter_gains_replicas_within_3s_and_returns_to_its_minimum(stack
 
         wait_until(lambda: slices.routable("lora-1") == 1
                    and adapter_status(kube, namespace, "lora-1").get("desiredReplicas") == 1, timeout=45,
-                   what=f"lora-1 back at its minimum (status {adapter_status(kube, namespace, 'lora-1')})")
+                   what=lambda: f"lora-1 back at its minimum (status {adapter_status(kube, namespace, 'lora-1')})")
         first_drop = slices.first("lora-1", t_stop, lambda n: n < 3)
         assert first_drop is not None and first_drop - t_stop >= 4.0, \
             f"lora-1 lost a replica {first_drop and first_drop - t_stop:.1f}s after the load stopped (window 5 s)"
@@ -486,22 +486,17 @@ def test_in_preferred_mode_a_hot_adapter_is_promoted_on_its_warm_copies_without_
             assert t_gain - t_cross <= 3.0
             wait_until(lambda: adapter_status(kube, namespace, "lora-1").get("desiredReplicas") == 3
                        and slices.routable("lora-1", preferred) == 3, timeout=20,
-                       what=f"lora-1 preferred on all 3 replicas (status {adapter_status(kube, namespace, 'lora-1')})")
+                       what=lambda: "lora-1 preferred on all 3 replicas (status "
+                                    f"{adapter_status(kube, namespace, 'lora-1')})")
             assert placements() == copies  # promoted where it was warm: nothing loaded, nothing unloaded
         finally:
             load.finish()
         assert load.count("lora-1") > 20 and load.count("lora-2") > 0 and load.count("lora-3") > 0
-        last: dict[str, Any] = {}
-
-        def back_at_minimum() -> bool:
-            last.update(status=adapter_status(kube, namespace, "lora-1"), router=router.load()["models"]["lora-1"],
-                        preferred=slices.routable("lora-1", preferred))
-            return last["preferred"] == 1 and last["status"].get("desiredReplicas") == 1
-
-        try:
-            wait_until(back_at_minimum, timeout=45, what="lora-1 back at its minimum")
-        except TimeoutError as exc:
-            raise AssertionError(f"{exc}; last seen: {last}") from None
+        wait_until(lambda: slices.routable("lora-1", preferred) == 1
+                   and adapter_status(kube, namespace, "lora-1").get("desiredReplicas") == 1, timeout=45,
+                   what=lambda: f"lora-1 back at its minimum (status {adapter_status(kube, namespace, 'lora-1')}, "
+                                f"preferred on {slices.routable('lora-1', preferred)}, router "
+                                f"{router.load()['models']['lora-1']})")
         assert slices.routable("lora-1") == 3  # demoted, still warm for the next time it is hot
         assert placements() == copies
         lowest = slices.lowest(armed)
@@ -617,7 +612,7 @@ def test_the_waiting_lora_adapters_source_sees_busy_adapters_and_not_starved_one
 
         wait_until(lambda: adapter_status(kube, namespace, "lora-1").get("desiredReplicas", 0) >= 2
                    and len(adapter_status(kube, namespace, "lora-1").get("pods") or []) >= 2, timeout=20,
-                   what=f"lora-1 gaining a replica (status {adapter_status(kube, namespace, 'lora-1')})")
+                   what=lambda: f"lora-1 gaining a replica (status {adapter_status(kube, namespace, 'lora-1')})")
         time.sleep(3.0)  # several syncs with lora-3 still starved on the first pod
         lora3 = adapter_status(kube, namespace, "lora-3")
         assert lora3["desiredReplicas"] == 1 and lora3["load"] == 0.0, lora3
