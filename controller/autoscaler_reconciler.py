@@ -174,9 +174,13 @@ class AutoscalerReconciler:
         current_preferred: dict[str, set[str]] = {a: set() for a in adapter_names}
         avoid: dict[str, set[str]] = {}
         retire: list[_Placement] = []
+        leaving: dict[str, int] = {}
         for p in placements:
             sp = p.typed.spec
             if sp.retire:
+                pod = by_name.get(sp.pod_name)
+                if pod is not None and pod.uid == sp.pod_uid:
+                    leaving[sp.pod_name] = leaving.get(sp.pod_name, 0) + 1  # still in its cache
                 continue
             if sp.adapter not in sources:
                 retire.append(p)
@@ -250,7 +254,8 @@ class AutoscalerReconciler:
                     adapters=decision.placement_targets(),
                     preferred={a: frozenset(s) for a, s in current_preferred.items()},
                     fallback={a: frozenset(current[a] - current_preferred[a]) for a in adapter_names},
-                    avoid=avoid_sets, spare_order=hot_first, max_new_fallback=max(1, len(pod_names))))
+                    avoid=avoid_sets, spare_order=hot_first, max_new_fallback=max(1, len(pod_names)),
+                    leaving=leaving))
                 assignment, adds, removes = rplan.assignment, rplan.add, rplan.remove
                 shortfall_by = dict(rplan.shortfall)
                 tiers = {(a, pod): rplan.is_preferred(a, pod) for a, pods in rplan.assignment.items() for pod in pods}

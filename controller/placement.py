@@ -620,6 +620,10 @@ class ResidentInput:
     """Adapters that should get spare copies first (e.g. hottest first); the rest follow in spec order."""
     max_new_fallback: int | None = None
     """At most this many fallback copies are loaded per plan (spreads loads over syncs); None: no bound."""
+    leaving: Mapping[str, int] = field(default_factory=dict)
+    """Pod -> copies being removed from it (draining, unloading). They still take a slot of its cache, so
+    no spare copy is loaded into that slot before they are gone: loading one would make vLLM evict
+    another adapter from its cache, and that adapter would reload on its next request."""
 
 
 @dataclass(frozen=True)
@@ -694,6 +698,9 @@ def plan_resident(inp: ResidentInput) -> ResidentPlan:
                              f"got {inp.resident_capacity!r}")
     if inp.max_new_fallback is not None and inp.max_new_fallback < 0:
         raise PlacementError(f"max_new_fallback must be >= 0, got {inp.max_new_fallback!r}")
+    for pod, n in inp.leaving.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise PlacementError(f"leaving[{pod!r}] must be a non-negative integer, got {n!r}")
     empty: frozenset[str] = frozenset()
     alive = set(inp.pods)
     names = [t.name for t in inp.adapters]
@@ -768,6 +775,9 @@ def plan_resident(inp: ResidentInput) -> ResidentPlan:
             for a in names if a in wanted]
     heapq.heapify(heap)
     # Pods with room, the emptiest first (ties: pod order); entries go stale when a pod's total changes.
+    # Copies on their way out still take their slot until they are unloaded.
+    for p in inp.pods:
+        total[p] += inp.leaving.get(p, 0)
     rooms = [(total[p], order[p], p) for p in inp.pods if total[p] < inp.resident_capacity]
     heapq.heapify(rooms)
     while heap and budget > 0 and rooms:

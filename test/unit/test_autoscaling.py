@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -742,7 +743,7 @@ def test_preferred_mode_keeps_warm_fallback_copies_and_promotes_them_when_hot() 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as hs  # noqa: E402
 
-from controller.placement import AdapterTarget, ResidentInput, plan_resident  # noqa: E402
+from controller.placement import AdapterTarget, PlacementError, ResidentInput, plan_resident  # noqa: E402
 
 
 @hs.composite
@@ -756,8 +757,9 @@ def resident_inputs(draw: Any) -> ResidentInput:
     preferred = {n: draw(subsets) for n in names}
     fallback = {n: draw(subsets) - preferred[n] for n in names}
     avoid = {n: draw(hs.frozensets(hs.sampled_from(pods), max_size=1)) for n in names}
+    leaving = {p: draw(hs.integers(0, 2)) for p in pods}
     return ResidentInput(pods=pods, capacity=cap, resident_capacity=rcap, adapters=adapters, preferred=preferred,
-                         fallback=fallback, avoid=avoid, spare_order=tuple(reversed(names)))
+                         fallback=fallback, avoid=avoid, spare_order=tuple(reversed(names)), leaving=leaving)
 
 
 @settings(max_examples=300, deadline=None)
@@ -795,6 +797,24 @@ def test_resident_plans_keep_both_budgets_and_stay_sticky(inp: ResidentInput) ->
     after_all = {(a, p) for a, pods in out.assignment.items() for p in pods}
     assert set(out.add) == after_all - before_all
     assert set(out.remove) | set(out.dropped) >= {(a, p) for a, p in before_all - after_all}
+    for a, p in out.add:  # a spare copy never goes into a slot a leaving copy still takes
+        if p not in out.preferred[a]:
+            assert per_pod[p] + inp.leaving.get(p, 0) <= inp.resident_capacity, f"{a} loaded into a full {p}"
+
+
+def test_no_spare_copy_goes_into_a_slot_a_leaving_copy_still_takes() -> None:
+    """p0 shows a free slot, but a copy being unloaded still takes it: the spare copy goes to p1; once
+    p1's slot is taken by a leaving copy too, nothing is loaded until the unloads are done."""
+    targets = (AdapterTarget("a", 1), AdapterTarget("b", 1))
+    base = ResidentInput(pods=("p0", "p1"), capacity=2, resident_capacity=2, adapters=targets,
+                         preferred={"a": frozenset({"p0"}), "b": frozenset({"p1"})})
+    assert sorted(plan_resident(base).add) == [("a", "p1"), ("b", "p0")]
+    one = plan_resident(replace(base, leaving={"p0": 1}))
+    assert one.add == (("a", "p1"),)
+    both = plan_resident(replace(base, leaving={"p0": 1, "p1": 1}))
+    assert not both.add and not both.remove
+    with pytest.raises(PlacementError, match="leaving"):
+        plan_resident(replace(base, leaving={"p0": -1}))
 
 
 def test_a_new_preferred_holder_is_a_warm_copy_when_one_has_room() -> None:
