@@ -154,6 +154,16 @@ class ScaleUpPolicy:
                             "is hot.", minimum=0, maximum=MAX_THRESHOLD)
     window_seconds: int = prop(3, description="How long the load must stay above the threshold.", minimum=0,
                                maximum=MAX_WINDOW_SECONDS)
+    load_window_seconds: int | None = prop(
+        None, description="How long the load must stay above the threshold when the new replica needs an "
+        "adapter load (no warm copy to promote: always in strict mode). Unset: windowSeconds. A longer "
+        "window keeps brief spikes, such as an adapter starved for a while by the LoRA budget, from costing "
+        "loads, while promotions stay fast.", minimum=0, maximum=MAX_WINDOW_SECONDS)
+
+    __cel_rules__ = [
+        ("!has(self.loadWindowSeconds) || self.loadWindowSeconds >= self.windowSeconds",
+         "scaleUp.loadWindowSeconds must be at least scaleUp.windowSeconds"),
+    ]
 
 
 @dataclass

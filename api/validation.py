@@ -373,6 +373,17 @@ def _vllm_problems(spec: dict[str, Any], given: Any) -> list[Problem]:
     return []
 
 
+def _window_order(spec: dict[str, Any], given: Any, later: tuple[str, str], why: str) -> list[Problem]:
+    """``spec.scaling.<later>`` must be at least ``spec.scaling.scaleUp.windowSeconds``."""
+    first = _num(_get(spec, "scaling", "scaleUp", "windowSeconds"))
+    second = _num(_get(spec, "scaling", *later))
+    if first is None or second is None or second >= first:
+        return []
+    return [Problem(f"spec.scaling.{later[0]}.{later[1]}", f"must be at least spec.scaling.scaleUp.windowSeconds "
+                    f"({_said(first, given, 'scaling', 'scaleUp', 'windowSeconds')}), got "
+                    f"{_said(second, given, 'scaling', *later)}: {why}")]
+
+
 def _scaling_problems(spec: dict[str, Any], given: Any) -> list[Problem]:
     out = []
     up_threshold = _num(_get(spec, "scaling", "scaleUp", "threshold"))
@@ -384,14 +395,10 @@ def _scaling_problems(spec: dict[str, Any], given: Any) -> list[Problem]:
                            f"{_said(down_threshold, given, 'scaling', 'scaleDown', 'threshold')}: lower "
                            f"scaleDown.threshold or raise scaleUp.threshold, so that an adapter between them "
                            f"neither grows nor shrinks (hysteresis)"))
-    up_window = _num(_get(spec, "scaling", "scaleUp", "windowSeconds"))
-    down_window = _num(_get(spec, "scaling", "scaleDown", "windowSeconds"))
-    if up_window is not None and down_window is not None and down_window < up_window:
-        out.append(Problem("spec.scaling.scaleDown.windowSeconds", f"must be at least "
-                           f"spec.scaling.scaleUp.windowSeconds "
-                           f"({_said(up_window, given, 'scaling', 'scaleUp', 'windowSeconds')}), got "
-                           f"{_said(down_window, given, 'scaling', 'scaleDown', 'windowSeconds')}: scale down "
-                           f"more slowly than up, or replicas flap"))
+    for later, why in ((("scaleDown", "windowSeconds"), "scale down more slowly than up, or replicas flap"),
+                       (("scaleUp", "loadWindowSeconds"), "a scale-up that needs a load waits at least as "
+                        "long as a promotion")):
+        out += _window_order(spec, given, later, why)
     metric = _get(spec, "scaling", "metric")
     if isinstance(metric, dict) and metric.get("source") == "prometheus" and "prometheus" not in metric:
         out.append(Problem("spec.scaling.metric.prometheus", "is required when spec.scaling.metric.source is "

@@ -233,9 +233,11 @@ class AutoscalerReconciler:
         scaling = spec.scaling
         pinput = policy.PolicyInput(
             adapters=tuple(policy.AdapterLoad(a.name, a.min_replicas, a.max_replicas, len(counted[a.name]),
-                                              loads.get(a.name)) for a in spec.adapters),
+                                              loads.get(a.name), warm=len(current[a.name]))
+                           for a in spec.adapters),
             pods=len(serving), capacity=capacity,
             scale_up_threshold=scaling.scale_up.threshold, scale_up_window_seconds=scaling.scale_up.window_seconds,
+            load_window_seconds=scaling.scale_up.load_window_seconds,
             scale_down_threshold=scaling.scale_down.threshold,
             scale_down_window_seconds=scaling.scale_down.window_seconds,
             max_loras=spec.vllm.max_loras_per_replica,

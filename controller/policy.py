@@ -8,8 +8,9 @@ elsewhere, so timelines can be replayed exactly in tests.
 Rules, per adapter in spec order:
 
 - hot (load > scale-up threshold) continuously for the scale-up window: one more replica, then the timer
-  restarts; cold (load < scale-down threshold) continuously for the scale-down window: one fewer, then
-  the timer restarts; in between both timers reset (hysteresis); an unknown load (None) changes nothing
+  restarts; when that replica needs an adapter load (no warm copy to promote), the load window applies;
+  cold (load < scale-down threshold) continuously for the scale-down window: one fewer, then the timer
+  restarts; in between both timers reset (hysteresis); an unknown load (None) changes nothing
   and resets nothing. A scale-down threshold of 0 therefore never scales down.
 - bounds: never below ``min_replicas``; never above ``max_replicas`` or the number of pods (when
   ``min_replicas`` exceeds the pods, the minimum wins and the shortfall shows as saturation).
@@ -59,6 +60,9 @@ class AdapterLoad:
     """Pods where it is routable or loading now."""
     load: float | None = None
     """Outstanding requests per replica; None when unknown (no fresh sample). NaN counts as unknown."""
+    warm: int | None = None
+    """Pods where it is resident (``current`` plus warm fallback copies): a replica up to this many is a
+    promotion, one beyond it needs an adapter load. None: same as ``current``."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class PolicyInput:
     """Adapters one pod may hold (the placement capacity)."""
     scale_up_threshold: float = 4.0
     scale_up_window_seconds: float = 3.0
+    load_window_seconds: float | None = None
+    """Scale-up window for a replica that needs an adapter load (no warm copy to promote); None: the
+    scale-up window. Longer, it keeps brief spikes (an adapter starved for a while by the LoRA budget)
+    from costing loads, while promotions stay fast."""
     scale_down_threshold: float = 1.0
     scale_down_window_seconds: float = 60.0
     max_loras: int | None = None
@@ -151,6 +159,8 @@ def _validate(inputs: PolicyInput) -> None:
     for label, value in (("scale_up_threshold", inputs.scale_up_threshold),
                          ("scale_down_threshold", inputs.scale_down_threshold),
                          ("scale_up_window_seconds", inputs.scale_up_window_seconds),
+                         ("load_window_seconds", inputs.scale_up_window_seconds if inputs.load_window_seconds is None
+                          else inputs.load_window_seconds),
                          ("scale_down_window_seconds", inputs.scale_down_window_seconds)):
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise PolicyError(f"{label} must be a finite number >= 0, got {value!r}")
@@ -172,6 +182,8 @@ def _validate(inputs: PolicyInput) -> None:
                               f"min_replicas ({a.min_replicas}) and 1")
         if not isinstance(a.current, int) or a.current < 0:
             raise PolicyError(f"adapter {a.name!r}: current must be >= 0, got {a.current!r}")
+        if a.warm is not None and (not isinstance(a.warm, int) or a.warm < 0):
+            raise PolicyError(f"adapter {a.name!r}: warm must be >= 0, got {a.warm!r}")
         if a.load is not None and not math.isnan(a.load) and a.load < 0:
             raise PolicyError(f"adapter {a.name!r}: load must be >= 0, got {a.load!r}")
 
@@ -216,6 +228,7 @@ def decide(state: PolicyState, inputs: PolicyInput, now: float) -> tuple[PolicyS
     pods, capacity = inputs.pods, inputs.capacity
     up_t, down_t = inputs.scale_up_threshold, inputs.scale_down_threshold
     up_w, down_w = inputs.scale_up_window_seconds, inputs.scale_down_window_seconds
+    load_w = up_w if inputs.load_window_seconds is None else inputs.load_window_seconds
     events: list[ScaleEvent] = []
     work: list[_Work] = []
 
@@ -244,7 +257,10 @@ def decide(state: PolicyState, inputs: PolicyInput, now: float) -> tuple[PolicyS
             w.below_since = None
             if w.above_since is None:
                 w.above_since = now
-            w.want_up = now - w.above_since >= up_w
+            # A replica the adapter is warm on already is a promotion; one more needs a load.
+            warm = a.current if a.warm is None else max(a.warm, a.current)
+            promotion = max(w.desired, min(a.current, hi)) < warm
+            w.want_up = now - w.above_since >= (up_w if promotion else load_w)
         elif load < down_t:
             w.above_since = None
             if w.below_since is None:

@@ -703,9 +703,14 @@ def test_scale_target_mode_scales_through_the_subresource_and_back() -> None:
 # --- preferred mode ----------------------------------------------------------------------------------------
 
 
-def test_preferred_mode_keeps_warm_fallback_copies_and_promotes_them_when_hot() -> None:
-    w = World(pods=4, adapters=6, max_loras=2,
-              spec={"placementMode": "preferred", "vllm": {"maxCpuLorasPerReplica": 4}})
+@pytest.mark.parametrize("load_window", [None, 30])
+def test_preferred_mode_keeps_warm_fallback_copies_and_promotes_them_when_hot(load_window: int | None) -> None:
+    """With a long loadWindowSeconds, the promotion still comes after the scale-up window (2 s); a replica
+    that needs a load waits for the load window."""
+    spec: dict[str, Any] = {"placementMode": "preferred", "vllm": {"maxCpuLorasPerReplica": 4}}
+    if load_window is not None:
+        spec["scaling"] = {"scaleUp": {"threshold": 4, "windowSeconds": 2, "loadWindowSeconds": load_window}}
+    w = World(pods=4, adapters=6, max_loras=2, spec=spec)
     try:
         for _ in range(5):  # fallback copies are spread a few per sync (at most one per pod)
             w.sync()
@@ -731,6 +736,15 @@ def test_preferred_mode_keeps_warm_fallback_copies_and_promotes_them_when_hot() 
             w.sync()
         assert len(w.preferred()["lora-1"]) == 2 and w.preferred()["lora-1"] - preferred["lora-1"] <= warm
         assert sum(1 for x in w.kube.writes if x[0] == "create" and x[1] == "loraplacements") == creates
+        if load_window is not None:
+            w.source.totals = {"lora-1": 80.0}
+            for _ in range(2 * len(warm) + 4):  # promotions onto every warm copy, then the load window
+                w.sync()
+            wanted = w.adapter_status("lora-1")
+            assert wanted["desiredReplicas"] == 1 + len(warm), wanted
+            for _ in range(load_window):
+                w.sync()
+            assert w.adapter_status("lora-1")["desiredReplicas"] == 2 + len(warm)
         slices = w.caches["endpointslices"].items
         fallback = slices.get(f"{NS}/{L.slice_name(L.route_service_name('a', 'lora-2'), L.TIER_FALLBACK)}")
         assert fallback is not None and fallback["metadata"]["labels"][L.TIER_LABEL] == L.TIER_FALLBACK

@@ -118,6 +118,22 @@ def test_fill_copies_count_once_the_adapter_is_hot():
     assert d.targets() == {"lora-1": 4}
 
 
+def test_a_replica_that_needs_a_load_waits_for_the_load_window_a_promotion_does_not():
+    """Warm on 3 pods (1 preferred + 2 fallback copies): two promotions come after the scale-up window, the
+    fourth replica needs a load and waits for the load window, counted from the last scale."""
+    state = PolicyState()
+    current, seen = 1, []
+    for now in range(30):
+        a = AdapterLoad("lora-1", current=current, load=5.0, warm=3)
+        state, d = decide(state, inputs(a, pods=8, load_window_seconds=10.0), float(now))
+        seen += [(now, e.from_replicas, e.to_replicas) for e in d.events]
+        current = d.adapters[0].desired
+    assert seen == [(3, 1, 2), (6, 2, 3), (16, 3, 4), (26, 4, 5)]
+    # Unset, the load window is the scale-up window; warm unset means nothing is warm beyond current.
+    assert changes(run(lambda now: 5.0, 10)) == [(3, 1, 2), (6, 2, 3), (9, 3, 4)]
+    assert changes(run(lambda now: 5.0, 12, load_window_seconds=5.0)) == [(5, 1, 2), (10, 2, 3)]
+
+
 def test_initial_state_starts_from_current_clamped():
     _, d = decide(PolicyState(), inputs(AdapterLoad("a", 1, 2, current=4), AdapterLoad("b", 2, None, current=0),
                                         AdapterLoad("c", 1, None, current=3)), 0.0)
@@ -241,6 +257,8 @@ def test_placement_targets_keep_spec_order():
     (inputs(AdapterLoad("a", 3, 2)), "max_replicas"),
     (inputs(AdapterLoad("a", load=-1.0)), "load must be"),
     (inputs(AdapterLoad("a", current=-1)), "current must be"),
+    (inputs(AdapterLoad("a", warm=-1)), "warm must be"),
+    (inputs(AdapterLoad("a"), load_window_seconds=math.nan), "load_window_seconds"),
 ])
 def test_bad_input_is_rejected_with_a_specific_error(inp, message):
     with pytest.raises(PolicyError, match=message):
