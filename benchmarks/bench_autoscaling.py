@@ -127,6 +127,8 @@ class Cell:
     up_threshold: float = 8.0
     down_threshold: float = 2.0
     up_window: float = 2.0
+    load_window: float = 10.0
+    """Scale-up window when the new replica needs a load (promotions use ``up_window``)."""
     down_window: float = 30.0
     drain_seconds: float = 120.0  # simulated seconds to wait for requests after the last arrival
     cpu_loras: int = 0  # preferred mode's --max-cpu-loras; 0: room for every adapter twice, at least 2 x max_loras
@@ -223,6 +225,8 @@ class Result:
     reloads: int = 0
     sim_minutes: float = 0.0
     censored: int = 0
+    adapter_events: list[list[Any]] = field(default_factory=list)
+    """[simulated s since the trace started, pod, load/unload/evict, adapter] for every change of a cache."""
 
     def ok(self) -> list[Record]:
         return [r for r in self.records if r.status == 200 and r.e2e is not None]
@@ -301,11 +305,16 @@ def deployment(cell: Cell, namespace: str, policy: Policy) -> dict[str, Any]:
     }
 
 
+CONTROLLER_LOG_LEVEL = os.environ.get("BENCH_CONTROLLER_LOG_LEVEL", "WARNING")
+"""INFO logs every placement and retirement (in the run's log directory), to see where loads come from."""
+
+
 def scaled(cell: Cell) -> dict[str, float]:
     """The controller's timings in real time: simulated timings divided by the time scale."""
     f = cell.time_scale
     up = max(1, round(cell.up_window / f))
     return {"sync_ms": max(100, round(1000 / f)), "up_window": up,
+            "load_window": max(up, round(cell.load_window / f)),
             "down_window": max(up, round(cell.down_window / f)), "drain": max(1, round(30 / f)),
             "max_age": max(1, round(10 / f)), "audit": 3.0 / f, "scrape": 0.3 / f}
 
@@ -329,7 +338,7 @@ def autoscaler(cell: Cell, namespace: str, policy: Policy, router_metrics: str) 
                 "metric": {"source": "combined", "routerUrl": router_metrics, "maxAgeSeconds": s["max_age"]},
                 # static dispatch: thresholds no load reaches, so the even dispatch never changes
                 "scaleUp": {"threshold": 1_000_000 if static else cell.up_threshold,
-                            "windowSeconds": s["up_window"]},
+                            "windowSeconds": s["up_window"], "loadWindowSeconds": s["load_window"]},
                 "scaleDown": {"threshold": 0 if static else cell.down_threshold,
                               "windowSeconds": s["down_window"], "drainTimeoutSeconds": s["drain"]},
             },
@@ -406,7 +415,7 @@ class Fleet:
             router_args += ["--routes-file", str(path)]
         else:
             self._spawn("controller", "controller", "--namespace", ns, "--no-leader-elect", "--metrics-port", "-1",
-                        "--audit-period", f"{s['audit']:.2f}", "--log-level", "WARNING")
+                        "--audit-period", f"{s['audit']:.2f}", "--log-level", CONTROLLER_LOG_LEVEL)
             self.cp.kubectl("apply", "-f", "-", input=json.dumps(
                 autoscaler(cell, ns, policy, f"http://127.0.0.1:{self.metrics_port}")))
 
@@ -453,6 +462,15 @@ class Fleet:
             loads += int(c.get("loads_ok", 0))
             reloads += int(c.get("adapter_reloads", 0))
         return loads, reloads
+
+    def adapter_events(self, since: float, f: float) -> list[list[Any]]:
+        """The pods' adapter loads, unloads and cache evictions after wall time ``since``, oldest first."""
+        out: list[list[Any]] = []
+        for pod, ip in self.pods.items():
+            for ev in _get(f"http://{ip}:8000/sim/events")["events"]:
+                if ev["kind"] in ("load", "unload", "evict") and ev["time"] >= since and ev.get("status", 200) == 200:
+                    out.append([round((ev["time"] - since) * f, 3), pod, ev["kind"], ev["adapter"]])
+        return sorted(out)
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -541,9 +559,11 @@ def run_policy(fleet: Fleet, trace: list[Arrival]) -> Result:
         say(f"{policy.key}: fleet up in {time.monotonic() - started:.0f}s ({policy.title}); "
             f"{len(trace)} requests over {cell.duration:.0f} simulated s")
         loads0, reloads0 = fleet.counters()
+        since = time.time()
         result = asyncio.run(drive(fleet, trace, cell))
         loads1, reloads1 = fleet.counters()
         result.loads, result.reloads = loads1 - loads0, reloads1 - reloads0
+        result.adapter_events = fleet.adapter_events(since, cell.time_scale)
         return result
     finally:
         fleet.close()
@@ -664,14 +684,14 @@ def plots(results: dict[str, Result], cell: Cell, out: Path) -> list[Path]:
 def save(r: Result, path: Path) -> None:
     path.write_text(json.dumps({
         "deferred_share": r.deferred_share, "loads": r.loads, "reloads": r.reloads, "sim_minutes": r.sim_minutes,
-        "censored": r.censored,
+        "censored": r.censored, "adapter_events": r.adapter_events,
         "records": [[x.t, x.adapter, x.tokens, x.status, x.ttft, x.e2e, x.error] for x in r.records]}))
 
 
 def load(path: Path, key: str) -> Result:
     d = json.loads(path.read_text())
     return Result(key, [Record(*row) for row in d["records"]], d["deferred_share"], d["loads"], d["reloads"],
-                  d["sim_minutes"], d["censored"])
+                  d["sim_minutes"], d["censored"], d.get("adapter_events", []))
 
 
 def _without(args: list[str], flag: str) -> list[str]:
@@ -724,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-threshold", type=float, help="autoscaler scaleDown.threshold")
     p.add_argument("--up-window", type=float, help="scale-up window, simulated seconds")
     p.add_argument("--down-window", type=float, help="scale-down window, simulated seconds")
+    p.add_argument("--load-window", type=float, help="scale-up window when the replica needs a load, simulated s")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_autoscaling")
     p.add_argument("--one", choices=sorted(POLICIES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -740,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
                                    ("load", args.load), ("zipf", args.zipf), ("seed", args.seed),
                                    ("up_threshold", args.up_threshold), ("down_threshold", args.down_threshold),
                                    ("up_window", args.up_window), ("down_window", args.down_window),
+                                   ("load_window", args.load_window),
                                    ("adapters", args.adapters), ("max_loras", args.max_loras),
                                    ("cpu_loras", args.cpu_loras))
                  if v is not None}
@@ -766,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{cell.adapters} adapters, Zipf {cell.zipf}, hot set re-drawn every {cell.shift_min:.0f}-"
         f"{cell.shift_max:.0f} s ({len(shifts)} sets), load {cell.load:.0%} = {len(trace) / cell.duration:.1f} "
         f"requests/s of {cell.tokens_min}-{cell.tokens_max} tokens; autoscaler thresholds {cell.up_threshold:g}/"
-        f"{cell.down_threshold:g} outstanding per replica, windows {cell.up_window:g}/{cell.down_window:g} s; "
+        f"{cell.down_threshold:g} outstanding per replica, windows {cell.up_window:g}/{cell.down_window:g} s "
+        f"(up with a load {cell.load_window:g} s); "
         f"preferred mode's --max-cpu-loras {cell.resident_loras()} (cell {args.cell})")
     say(f"time: simulators {cell.time_scale:g}x faster than real time; controller sync {s['sync_ms']} ms, "
         f"windows {s['up_window']}/{s['down_window']} s, audit {s['audit']:.2f} s, router scrape "

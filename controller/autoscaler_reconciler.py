@@ -489,6 +489,8 @@ class AutoscalerReconciler:
             "spec": {"autoscaler": auto.name, "adapter": adapter, "source": source, "podName": pod.name,
                      "podUid": pod.uid, "preferred": preferred, "retire": False},
         }
+        log.info("%s/%s: placing %s on %s (%s holder)", ns, auto.name, adapter, pod.name,
+                 "preferred" if preferred else "fallback")
         try:
             created = rt.kube.create(LORA_PLACEMENTS, body, ns)
         except ApiError as exc:
@@ -504,6 +506,7 @@ class AutoscalerReconciler:
 
     def _retire(self, p: _Placement, why: str, errors: _SyncErrors) -> None:
         if self._patch_placement(p, {"spec": {"retire": True}}, errors):
+            log.info("%s/%s: retiring: %s", p.typed.namespace, p.typed.spec.autoscaler, why)
             auto = self.rt.autoscalers.get(f"{p.typed.namespace}/{p.typed.spec.autoscaler}")
             if auto is not None:
                 self.rt.recorder.event(auto, "Normal", "Retiring", why + " (drain, then unload)")
