@@ -155,10 +155,11 @@ class ScaleUpPolicy:
     window_seconds: int = prop(3, description="How long the load must stay above the threshold.", minimum=0,
                                maximum=MAX_WINDOW_SECONDS)
     load_window_seconds: int | None = prop(
-        None, description="How long the load must stay above the threshold when the new replica needs an "
-        "adapter load (no warm copy to promote: always in strict mode). Unset: windowSeconds. A longer "
-        "window keeps brief spikes, such as an adapter starved for a while by the LoRA budget, from costing "
-        "loads, while promotions stay fast.", minimum=0, maximum=MAX_WINDOW_SECONDS)
+        None, description="How long the load must have stayed above the threshold, since it crossed it, "
+        "before a replica that needs an adapter load (no warm copy to promote: always in strict mode) is "
+        "added; later ones follow at windowSeconds while the load stays above. Unset: windowSeconds. A "
+        "longer window keeps brief spikes, such as an adapter starved for a while by the LoRA budget, from "
+        "costing loads, while promotions stay fast.", minimum=0, maximum=MAX_WINDOW_SECONDS)
 
     __cel_rules__ = [
         ("!has(self.loadWindowSeconds) || self.loadWindowSeconds >= self.windowSeconds",

@@ -8,7 +8,8 @@ elsewhere, so timelines can be replayed exactly in tests.
 Rules, per adapter in spec order:
 
 - hot (load > scale-up threshold) continuously for the scale-up window: one more replica, then the timer
-  restarts; when that replica needs an adapter load (no warm copy to promote), the load window applies;
+  restarts; a replica that needs an adapter load (no warm copy to promote) also waits until the adapter
+  has been hot for the load window since its hot spell began (brief spikes cost no load);
   cold (load < scale-down threshold) continuously for the scale-down window: one fewer, then the timer
   restarts; in between both timers reset (hysteresis); an unknown load (None) changes nothing
   and resets nothing. A scale-down threshold of 0 therefore never scales down.
@@ -94,6 +95,8 @@ class AdapterState:
     above_since: float | None = None
     below_since: float | None = None
     last_scale_time: float | None = None
+    hot_since: float | None = None
+    """Start of the current hot spell; unlike ``above_since`` it does not restart with each scale-up."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class _Work:
     above_since: float | None
     below_since: float | None
     last_scale_time: float | None
+    hot_since: float | None = None
     want_up: bool = False
     waiting: bool = False
 
@@ -244,7 +248,8 @@ def decide(state: PolicyState, inputs: PolicyInput, now: float) -> tuple[PolicyS
         prev = state.adapters.get(a.name)
         if prev is None:
             prev = AdapterState(desired=min(max(a.current, lo), hi))
-        w = _Work(a, i, load, lo, hi, prev.desired, prev.above_since, prev.below_since, prev.last_scale_time)
+        w = _Work(a, i, load, lo, hi, prev.desired, prev.above_since, prev.below_since, prev.last_scale_time,
+                  prev.hot_since)
         work.append(w)
         if w.desired < lo:
             change(w, lo, f"raised to minReplicas {lo}")
@@ -257,12 +262,16 @@ def decide(state: PolicyState, inputs: PolicyInput, now: float) -> tuple[PolicyS
             w.below_since = None
             if w.above_since is None:
                 w.above_since = now
-            # A replica the adapter is warm on already is a promotion; one more needs a load.
+            if w.hot_since is None or w.hot_since > w.above_since:
+                w.hot_since = w.above_since
+            # A replica the adapter is warm on already is a promotion; one more needs a load, and only
+            # once the adapter has been hot for the load window (then at the scale-up window's pace).
             warm = a.current if a.warm is None else max(a.warm, a.current)
             promotion = max(w.desired, min(a.current, hi)) < warm
-            w.want_up = now - w.above_since >= (up_w if promotion else load_w)
+            w.want_up = now - w.above_since >= up_w and (promotion or now - w.hot_since >= load_w)
         elif load < down_t:
             w.above_since = None
+            w.hot_since = None
             if w.below_since is None:
                 w.below_since = now
             if now - w.below_since >= down_w and w.desired > lo:
@@ -271,6 +280,7 @@ def decide(state: PolicyState, inputs: PolicyInput, now: float) -> tuple[PolicyS
         else:
             w.above_since = None
             w.below_since = None
+            w.hot_since = None
 
     slots = pods * capacity
     used = sum(w.desired for w in work)
@@ -343,7 +353,8 @@ def decide(state: PolicyState, inputs: PolicyInput, now: float) -> tuple[PolicyS
                           f"(vllm.maxLorasPerReplica) would help more than placement")
 
     new_state = PolicyState({
-        w.spec.name: AdapterState(w.desired, w.above_since, w.below_since, w.last_scale_time) for w in work
+        w.spec.name: AdapterState(w.desired, w.above_since, w.below_since, w.last_scale_time, w.hot_since)
+        for w in work
     })
     decision = PolicyDecision(
         adapters=tuple(AdapterDecision(w.spec.name, w.desired, w.load, w.last_scale_time, w.waiting)

@@ -119,8 +119,9 @@ def test_fill_copies_count_once_the_adapter_is_hot():
 
 
 def test_a_replica_that_needs_a_load_waits_for_the_load_window_a_promotion_does_not():
-    """Warm on 3 pods (1 preferred + 2 fallback copies): two promotions come after the scale-up window, the
-    fourth replica needs a load and waits for the load window, counted from the last scale."""
+    """Warm on 3 pods (1 preferred + 2 fallback copies): two promotions come after the scale-up window; the
+    fourth replica needs a load and waits until the adapter has been hot for the load window since its
+    hot spell began; later loads come at the scale-up window's pace."""
     state = PolicyState()
     current, seen = 1, []
     for now in range(30):
@@ -128,10 +129,14 @@ def test_a_replica_that_needs_a_load_waits_for_the_load_window_a_promotion_does_
         state, d = decide(state, inputs(a, pods=8, load_window_seconds=10.0), float(now))
         seen += [(now, e.from_replicas, e.to_replicas) for e in d.events]
         current = d.adapters[0].desired
-    assert seen == [(3, 1, 2), (6, 2, 3), (16, 3, 4), (26, 4, 5)]
+    assert seen == [(3, 1, 2), (6, 2, 3), (10, 3, 4), (13, 4, 5), (16, 5, 6), (19, 6, 7), (22, 7, 8)]
     # Unset, the load window is the scale-up window; warm unset means nothing is warm beyond current.
     assert changes(run(lambda now: 5.0, 10)) == [(3, 1, 2), (6, 2, 3), (9, 3, 4)]
-    assert changes(run(lambda now: 5.0, 12, load_window_seconds=5.0)) == [(5, 1, 2), (10, 2, 3)]
+    assert changes(run(lambda now: 5.0, 12, load_window_seconds=5.0)) == [(5, 1, 2), (8, 2, 3), (11, 3, 4)]
+    # A spell that ends (one sample in between) starts the load window again.
+    gap = {7: 2.0}
+    assert changes(run(lambda now: gap.get(now, 5.0), 20, load_window_seconds=5.0)) == [(5, 1, 2), (13, 2, 3),
+                                                                                      (16, 3, 4)]
 
 
 def test_initial_state_starts_from_current_clamped():
