@@ -127,8 +127,8 @@ class Cell:
     up_threshold: float = 8.0
     down_threshold: float = 2.0
     up_window: float = 2.0
-    load_window: float = 10.0
-    """Scale-up window when the new replica needs a load (promotions use ``up_window``)."""
+    load_window: float | None = None
+    """scaleUp.loadWindowSeconds, simulated s; None: unset (the scale-up window applies to loads too)."""
     down_window: float = 30.0
     drain_seconds: float = 120.0  # simulated seconds to wait for requests after the last arrival
     cpu_loras: int = 0  # preferred mode's --max-cpu-loras; 0: room for every adapter twice, at least 2 x max_loras
@@ -309,12 +309,12 @@ CONTROLLER_LOG_LEVEL = os.environ.get("BENCH_CONTROLLER_LOG_LEVEL", "WARNING")
 """INFO logs every placement and retirement (in the run's log directory), to see where loads come from."""
 
 
-def scaled(cell: Cell) -> dict[str, float]:
+def scaled(cell: Cell) -> dict[str, Any]:
     """The controller's timings in real time: simulated timings divided by the time scale."""
     f = cell.time_scale
     up = max(1, round(cell.up_window / f))
     return {"sync_ms": max(100, round(1000 / f)), "up_window": up,
-            "load_window": max(up, round(cell.load_window / f)),
+            "load_window": None if cell.load_window is None else max(up, round(cell.load_window / f)),
             "down_window": max(up, round(cell.down_window / f)), "drain": max(1, round(30 / f)),
             "max_age": max(1, round(10 / f)), "audit": 3.0 / f, "scrape": 0.3 / f}
 
@@ -338,7 +338,8 @@ def autoscaler(cell: Cell, namespace: str, policy: Policy, router_metrics: str) 
                 "metric": {"source": "combined", "routerUrl": router_metrics, "maxAgeSeconds": s["max_age"]},
                 # static dispatch: thresholds no load reaches, so the even dispatch never changes
                 "scaleUp": {"threshold": 1_000_000 if static else cell.up_threshold,
-                            "windowSeconds": s["up_window"], "loadWindowSeconds": s["load_window"]},
+                            "windowSeconds": s["up_window"],
+                            **({} if s["load_window"] is None else {"loadWindowSeconds": s["load_window"]})},
                 "scaleDown": {"threshold": 0 if static else cell.down_threshold,
                               "windowSeconds": s["down_window"], "drainTimeoutSeconds": s["drain"]},
             },
@@ -789,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cell.shift_max:.0f} s ({len(shifts)} sets), load {cell.load:.0%} = {len(trace) / cell.duration:.1f} "
         f"requests/s of {cell.tokens_min}-{cell.tokens_max} tokens; autoscaler thresholds {cell.up_threshold:g}/"
         f"{cell.down_threshold:g} outstanding per replica, windows {cell.up_window:g}/{cell.down_window:g} s "
-        f"(up with a load {cell.load_window:g} s); "
+        f"{'' if cell.load_window is None else f'(up with a load {cell.load_window:g} s)'}; "
         f"preferred mode's --max-cpu-loras {cell.resident_loras()} (cell {args.cell})")
     say(f"time: simulators {cell.time_scale:g}x faster than real time; controller sync {s['sync_ms']} ms, "
         f"windows {s['up_window']}/{s['down_window']} s, audit {s['audit']:.2f} s, router scrape "
