@@ -162,9 +162,9 @@ def _validate(inputs: PolicyInput) -> None:
     for label, value in (("scale_up_threshold", inputs.scale_up_threshold),
                          ("scale_down_threshold", inputs.scale_down_threshold),
                          ("scale_up_window_seconds", inputs.scale_up_window_seconds),
-                         ("load_window_seconds", inputs.scale_up_window_seconds if inputs.load_window_seconds is None
-                          else inputs.load_window_seconds),
-                         ("scale_down_window_seconds", inputs.scale_down_window_seconds)):
+                         ("scale_down_window_seconds", inputs.scale_down_window_seconds),
+                         *((("load_window_seconds", inputs.load_window_seconds),)
+                           if inputs.load_window_seconds is not None else ())):
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise PolicyError(f"{label} must be a finite number >= 0, got {value!r}")
     if inputs.scale_down_threshold >= inputs.scale_up_threshold:
@@ -262,7 +262,7 @@ def decide(state: PolicyState, inputs: PolicyInput, now: float) -> tuple[PolicyS
             w.below_since = None
             if w.above_since is None:
                 w.above_since = now
-            if w.hot_since is None or w.hot_since > w.above_since:
+            if w.hot_since is None:
                 w.hot_since = w.above_since
             # A replica the adapter is warm on already is a promotion; one more needs a load, and only
             # once the adapter has been hot for the load window (then at the scale-up window's pace).
