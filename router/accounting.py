@@ -65,6 +65,8 @@ class Accounting:
         self.pair_started: dict[tuple[str, str], int] = {}
         self.codes: dict[tuple[str, str, int], int] = {}
         self.errors: dict[tuple[str, str, str], int] = {}
+        self.moves: dict[tuple[str, str], int] = {}
+        """(model, pod) -> requests moved off that pod while they waited there for a LoRA slot."""
         self.rate_window = rate_window
         self._snapshots: deque[_Snapshot] = deque()
 
@@ -123,6 +125,11 @@ class Accounting:
     def count_code(self, model: str, pod: str, code: int) -> None:
         key = (model, pod, code)
         self.codes[key] = self.codes.get(key, 0) + 1
+
+    def count_move(self, model: str, pod: str) -> None:
+        """A request for ``model`` left ``pod``, where it waited for a LoRA slot, for another holder."""
+        key = (model, pod)
+        self.moves[key] = self.moves.get(key, 0) + 1
 
     def count_error(self, model: str, pod: str, kind: str) -> None:
         key = (model, pod, kind)

@@ -74,6 +74,15 @@ class _AccountingCollector(Collector):
         for (model, pod, kind), n in list(acc.errors.items()):
             errors.add_metric([model, pod, kind], n)
         yield errors
+        moved = CounterMetricFamily(
+            "lora_router_deferred_moves",
+            "Requests moved off a pod where their adapter waited for a LoRA slot, before any byte of the "
+            "answer, to a holder where it runs or has room (--move-deferred-after).",
+            labels=["model", "pod"],
+        )
+        for (model, pod), n in list(acc.moves.items()):
+            moved.add_metric([model, pod], n)
+        yield moved
         scraped = GaugeMetricFamily(
             "lora_router_pod_scrape_ok", "1 when the pod's last /metrics scrape succeeded.", labels=["pod"]
         )

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -30,8 +30,10 @@ from router.accounting import Accounting
 from router.errors import error_body, sse_error_event
 from router.metrics import RouterMetrics
 from router.routes import Holder, Route, RouteTable
-from router.strategies import Strategy
+from router.strategies import Strategy, move_target
 from router.upstream import UpstreamError, UpstreamPool, UpstreamResponse, serialise_head
+
+T = TypeVar("T")
 
 log = logging.getLogger("router.proxy")
 
@@ -115,18 +117,37 @@ class RouterConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     api_key: str | None = None
     owned_by: str = "lora-router"
+    move_deferred_after: float = 0.0
+    """Seconds a request may wait without its first byte on a pod where its adapter has no LoRA slot before
+    it is sent to a holder where the adapter would start at once (0: never moved)."""
+    move_check_interval: float = 0.25
+    """How often a request past ``move_deferred_after`` checks again whether it can be moved."""
+    max_loras: int | None = None
+    """vLLM's ``--max-loras`` of pods not scraped yet (for the move check)."""
+    queue_bound: float = 8.0
+    """Requests waiting for capacity above which a pod is no place to move a request to."""
 
 
 class _Attempt:
     """How one upstream attempt ended when it did not produce an answer to relay."""
 
-    __slots__ = ("kind", "message", "retry", "status")
+    __slots__ = ("kind", "message", "retry", "status", "target")
 
-    def __init__(self, kind: str, status: int, message: str, retry: bool) -> None:
+    def __init__(self, kind: str, status: int, message: str, retry: bool, target: Holder | None = None) -> None:
         self.kind = kind
         self.status = status
         self.message = message
         self.retry = retry
+        self.target = target
+        """Where to send the request next (a request moved off a pod where its adapter waits for a slot)."""
+
+
+class _Moved(Exception):
+    """The request waited for a LoRA slot too long and leaves for ``target``."""
+
+    def __init__(self, target: Holder) -> None:
+        super().__init__(target.pod)
+        self.target = target
 
 
 class Router:
@@ -353,12 +374,15 @@ class Router:
         seq = self._seq
         tried: list[str] = []
         last: _Attempt | None = None
-        for attempt in range(2):
+        retried = False  # one retry after a failure, one move off a pod that defers the request
+        for attempt in range(3):
             if attempt:
                 route = self.table.lookup(model) or route
             holders = route.holders
-            if len(holders) == 1 and not tried:
-                holder: Holder | None = holders[0]  # nothing to choose
+            if last is not None and last.target is not None:
+                holder: Holder | None = last.target
+            elif len(holders) == 1 and not tried:
+                holder = holders[0]  # nothing to choose
             else:
                 holder = self.strategy.choose(route, acc.pods, tried, seq)
             if holder is None and tried:
@@ -371,12 +395,19 @@ class Router:
             try:
                 head = serialise_head(method, path_qs, holder.address, headers, len(body))
                 outcome = await self._exchange(
-                    request, holder, head, body, model=model, t0=t0, check_stale=attempt == 0 and not is_base
+                    request, holder, head, body, model=model, t0=t0, check_stale=not retried and not is_base,
+                    route=route if attempt == 0 else None,
                 )
                 if isinstance(outcome, _Attempt):
                     last = outcome
+                    if outcome.target is not None:
+                        acc.count_move(model, holder.pod)
+                        log.debug("moving a %s request waiting for a LoRA slot on %s to %s", model, holder.pod,
+                                  outcome.target.pod)
+                        continue
                     acc.count_error(model, holder.pod, outcome.kind)
-                    if outcome.retry and attempt == 0:
+                    if outcome.retry and not retried:
+                        retried = True
                         log.info("retrying a %s request after %s on %s", model, outcome.kind, holder.pod)
                         continue
                     code = outcome.status
@@ -408,23 +439,42 @@ class Router:
         model: str,
         t0: float,
         check_stale: bool,
+        route: Route | None = None,
     ) -> tuple[web.StreamResponse, int] | _Attempt:
         """One upstream attempt: the relayed answer and the status to count for it, or how it failed while
-        nothing reached the client (a 499 is a client that left, a 502 a stream that broke midway)."""
+        nothing reached the client (a 499 is a client that left, a 502 a stream that broke midway).
+
+        With a ``route`` and ``move_deferred_after`` set, the attempt may instead end before anything reached
+        the client because the request waited too long for a LoRA slot (an ``_Attempt`` with a target)."""
         pod = holder.pod
         c = self.config
+        watch = route is not None and not route.is_base and c.move_deferred_after > 0
         try:
-            resp = await self.pool.request(
+            sent = self.pool.request(
                 holder.address, head, body, is_head=request.method == "HEAD", read_timeout=c.first_byte_timeout,
                 total_timeout=c.total_timeout,
             )  # fmt: skip
+            resp = await (self._unless_starved(sent, route, holder) if watch and route is not None else sent)
         except UpstreamError as exc:
             return self._failed_attempt(exc, pod)
+        except _Moved as moved:
+            return _Attempt("moved", 0, "", True, moved.target)
         try:
             status = resp.status
             is_sse = resp.content_type.startswith("text/event-stream")
             if resp.content_length is None or is_sse:
-                outcome = await self._relay_stream(request, resp, model=model, pod=pod, t0=t0, is_sse=is_sse)
+                first: bytes | None = None
+                if watch and route is not None and status == 200:
+                    # Nothing goes to the client before the first piece: until then the request may move.
+                    try:
+                        first = await self._unless_starved(resp.next_chunk(), route, holder)
+                    except _Moved as moved:
+                        resp.close()
+                        return _Attempt("moved", 0, "", True, moved.target)
+                    if first is None:
+                        first = b""
+                outcome = await self._relay_stream(request, resp, model=model, pod=pod, t0=t0, is_sse=is_sse,
+                                                   first=first)
                 resp.release()
                 return outcome
             data = await resp.read()
@@ -445,6 +495,30 @@ class Router:
             self.accounting.count_error(model, pod, "upstream_5xx")
         return out, status
 
+    async def _unless_starved(self, pending: Awaitable[T], route: Route, holder: Holder) -> T:
+        """``pending``'s result, unless the request waits for a LoRA slot on ``holder`` past the configured
+        time and another holder would start it at once: then ``pending`` is cancelled (the pod sees the
+        request aborted) and ``_Moved`` names that holder."""
+        task = asyncio.ensure_future(pending)
+        c = self.config
+        delay = c.move_deferred_after
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=delay)
+                if done:
+                    return task.result()
+                delay = c.move_check_interval
+                current = self.table.lookup(route.model) or route
+                target = move_target(current, self.accounting.pods, holder.address, default_max_loras=c.max_loras,
+                                     queue_bound=c.queue_bound, seq=self._seq)
+                if target is not None:
+                    raise _Moved(target)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                    await task
+
     def _failed_attempt(self, exc: UpstreamError, pod: str) -> _Attempt:
         kind = exc.kind
         if kind in ("timeout", "total_timeout"):
@@ -461,25 +535,30 @@ class Router:
         return headers
 
     async def _relay_stream(
-        self, request: web.Request, resp: UpstreamResponse, *, model: str, pod: str, t0: float, is_sse: bool
+        self, request: web.Request, resp: UpstreamResponse, *, model: str, pod: str, t0: float, is_sse: bool,
+        first: bytes | None = None,
     ) -> tuple[web.StreamResponse, int]:
-        """Pass a streamed answer through as it arrives; nothing is buffered beyond what one read brought."""
+        """Pass a streamed answer through as it arrives; nothing is buffered beyond what one read brought.
+        ``first``: the first piece, already read (``b""``: the stream ended before any)."""
         status = resp.status
         out = web.StreamResponse(status=status, headers=self._response_headers(resp))
-        first = True
         try:
             await out.prepare(request)
             writer = out._payload_writer  # its drain() waits only while the client's socket is full
             drain: Callable[[], Awaitable[None]] | None = getattr(writer, "drain", None)
             next_chunk = resp.next_chunk
-            while (chunk := await next_chunk()) is not None:
+            # b"" read ahead: the stream ended before its first piece.
+            chunk = (first or None) if first is not None else await next_chunk()
+            seen = False
+            while chunk is not None:
                 await out.write(chunk)
                 if drain is not None:
                     await drain()
-                if first:
-                    first = False
+                if not seen:
+                    seen = True
                     if self.metrics is not None:
                         self.metrics.observe_first_byte(model, pod, self._loop_time() - t0)
+                chunk = await next_chunk()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The client went away: closing the upstream connection aborts the request on the pod.
             self.accounting.count_error(model, pod, "client_closed")

@@ -14,6 +14,11 @@ the same holder, so tests and benchmarks can compare strategies exactly.
   count and KV usage add what other senders put on the pod. Preferred holders win unless each of them is
   saturated (no LoRA room for the adapter, a queue above a bound, or a full KV cache); then fallback
   holders take the spill-over.
+
+Whichever strategy chose, a request can wait on a pod where its adapter has no LoRA slot: vLLM keeps
+admitting the adapters already running there, so it may wait for as long as they have requests.
+:func:`move_target` finds another holder where that adapter would start at once; the proxy moves a
+request there when it has waited long enough without its first byte (``--move-deferred-after``).
 """
 
 from __future__ import annotations
@@ -225,6 +230,62 @@ class LoraAware(Strategy):
         pool = pools[0] or pools[1] or pools[2]
         low = min(c for c, _ in pool)
         return _rotate([h for c, h in pool if c <= low + 1e-9], seq)
+
+
+def deferred_on(model: str, st: PodState | None) -> bool:
+    """Whether requests of ``model`` the router sent to this pod wait there for a LoRA slot, as its last
+    scrape tells: the adapter is not running there and the pod defers requests. (vLLM lists a deferred
+    adapter in neither ``running_lora_adapters`` nor ``waiting_lora_adapters``.)"""
+    m = st.metrics if st is not None else None
+    return (st is not None and m is not None and model in st.adapters and model not in m.running_adapters
+            and m.deferred > 0)
+
+
+def starts_at_once(
+    model: str, st: PodState | None, default_max_loras: int | None = None, queue_bound: float = 8.0,
+    kv_bound: float = 0.95,
+) -> bool:
+    """Whether a request for adapter ``model`` sent to this pod now would be scheduled without waiting for a
+    LoRA slot: the adapter runs there, or the pod's budget has room for one more, and the pod's queue and KV
+    cache are not full. Unknown state (never scraped) is not enough to say yes."""
+    m = st.metrics if st is not None else None
+    if st is None or m is None:
+        return False
+    if m.waiting - m.deferred > queue_bound or m.kv_usage >= kv_bound:
+        return False
+    if model in m.running_adapters:
+        return True
+    active = set(st.adapters) | m.running_adapters | m.waiting_adapters
+    if model in active:
+        return False  # it waits there already
+    max_loras = m.max_loras if m.max_loras is not None else default_max_loras
+    return max_loras is None or len(active) < max_loras
+
+
+def move_target(
+    route: Route, pods: Mapping[str, PodState], current: str, *, default_max_loras: int | None = None,
+    queue_bound: float = 8.0, seq: int = 0,
+) -> Holder | None:
+    """Where a request for ``route.model`` waiting for a LoRA slot on the holder at ``current`` should go:
+    a holder where it would start at once (preferred holders first, then the fewest requests in flight),
+    or None when it is not deferred there or no holder would do better."""
+    if route.is_base or not deferred_on(route.model, pods.get(current)):
+        return None
+    best: list[Holder] = []
+    best_key: tuple[int, float] | None = None
+    for h in route.holders:
+        if h.address == current:
+            continue
+        st = pods.get(h.address)
+        if not starts_at_once(route.model, st, default_max_loras, queue_bound):
+            continue
+        assert st is not None
+        key = (0 if h.tier == TIER_PREFERRED else 1, st.inflight + st.external_load())
+        if best_key is None or key < best_key:
+            best_key, best = key, [h]
+        elif key == best_key:
+            best.append(h)
+    return _rotate(best, seq) if best else None
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

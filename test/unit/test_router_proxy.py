@@ -445,6 +445,48 @@ def test_lora_aware_sends_an_adapter_away_from_a_pod_whose_budget_is_full() -> N
     run(body)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_waiting_for_a_lora_slot_moves_to_a_holder_where_its_adapter_runs(stream: bool) -> None:
+    """pod-0 runs b and c (max_loras 2) for seconds; least-outstanding still sends an `a` request there
+    (pod-1 has more in flight). Past --move-deferred-after it leaves for pod-1, where `a` runs."""
+
+    async def body() -> None:
+        async with simulators([["a", "b", "c"], ["a"]]) as (s0, s1):
+            table = RouteTable()
+            table.set_route("a", [holder(s1, "pod-1")])
+            for m in ("b", "c"):
+                table.set_route(m, [holder(s0, "pod-0")])
+            async with router(table, "least-outstanding", move_deferred_after=0.3, move_check_interval=0.05,
+                              max_loras=2) as (svc, session):
+                hold = [asyncio.create_task(complete(session, m, max_tokens=3000)) for m in ("b", "c")]
+                keep = [asyncio.create_task(complete(session, "a", max_tokens=3000)) for _ in range(4)]
+                await wait_until(lambda: in_flight(svc, holder(s0)) == 2 and in_flight(svc, holder(s1)) == 4,
+                                 what="both pods busy")
+                await wait_until(lambda: {"b", "c"} <= set(s0.state.engine.running_lora_adapters())
+                                 and "a" in s1.state.engine.running_lora_adapters(), what="adapters running")
+                await wait_until(lambda: all(st.metrics is not None for st in svc.accounting.pods.values()),
+                                 what="both pods scraped")
+                table.set_route("a", [holder(s0, "pod-0"), holder(s1, "pod-1")])
+                t0 = time.monotonic()
+                status, data = await complete(session, "a", max_tokens=5, stream=stream)
+                took = time.monotonic() - t0
+                assert status == 200
+                if stream:
+                    assert b"data: [DONE]" in data
+                else:
+                    assert data["choices"][0]["finish_reason"] == "length"
+                assert took < 3, f"the request waited {took:.1f}s: it was not moved"
+                assert svc.accounting.moves == {("a", "pod-0"): 1}
+                assert counters(s1)["requests_by_model"]["a"] == 5
+                await wait_until(lambda: counters(s0)["aborted_by_model"].get("a") == 1,
+                                 what="the request left on pod-0 aborted there")
+                for task in hold + keep:
+                    task.cancel()
+                await asyncio.gather(*hold, *keep, return_exceptions=True)
+
+    run(body)
+
+
 def test_api_key_is_forwarded_to_the_pods() -> None:
     async def body() -> None:
         async with simulators([["a"]], api_keys=["s3cret"]) as (s0,):

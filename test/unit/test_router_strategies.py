@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 from router.accounting import Accounting
 from router.routes import Holder, Route
 from router.scrape import PodMetrics
-from router.strategies import GIE, STRATEGIES, LeastOutstanding, LoraAware, make_strategy
+from router.strategies import (
+    GIE,
+    STRATEGIES,
+    LeastOutstanding,
+    LoraAware,
+    deferred_on,
+    make_strategy,
+    move_target,
+    starts_at_once,
+)
 
 A = Holder("10.0.0.1:8000", "pod-a", "preferred")
 B = Holder("10.0.0.2:8000", "pod-b", "preferred")
@@ -192,6 +201,66 @@ def test_every_strategy_picks_a_listed_holder_and_is_deterministic(
     first = strategy.choose(r, acc.pods, (), seq)
     assert first in r.holders
     assert strategy.choose(r, acc.pods, (), seq) == first
+
+
+def scraped(acc: Accounting, holder: Holder, running: set[str], waiting: set[str] | None = None, *,
+            queue: float = 0.0, deferred: float = 0.0, max_loras: int = 2) -> None:
+    acc.store_metrics(holder.address, PodMetrics(
+        running=len(running), waiting=queue, deferred=deferred, max_loras=max_loras,
+        running_adapters=frozenset(running), waiting_adapters=frozenset(waiting or ())))
+
+
+def test_a_request_deferred_on_its_pod_moves_where_its_adapter_runs_or_has_room() -> None:
+    """lora-x waits on pod-a behind two running adapters (max_loras 2); pod-b runs it; pod-f has room."""
+    acc = Accounting()
+    busy(acc, A, "lora-x")
+    scraped(acc, A, {"lora-1", "lora-2"}, {"lora-1"}, queue=1, deferred=1)
+    scraped(acc, B, {"lora-x", "lora-3"})
+    busy(acc, B, "lora-x", 3)
+    scraped(acc, F, {"lora-4"})
+    assert deferred_on("lora-x", acc.pods[A.address])
+    assert starts_at_once("lora-x", acc.pods[B.address]) and starts_at_once("lora-x", acc.pods[F.address])
+    # Preferred holders first, though pod-f has fewer requests in flight.
+    assert move_target(route(fallback=(F,)), acc.pods, A.address) == B
+    assert move_target(route(preferred=(A,), fallback=(F,)), acc.pods, A.address) == F
+
+
+def test_no_move_when_the_request_is_not_deferred_or_nowhere_is_better() -> None:
+    acc = Accounting()
+    busy(acc, A, "lora-x")
+    scraped(acc, A, {"lora-x", "lora-1"}, {"lora-x"}, queue=20)  # runs there, only the queue is long
+    scraped(acc, B, set())
+    assert not deferred_on("lora-x", acc.pods[A.address])
+    assert move_target(route(), acc.pods, A.address) is None
+    # Not running, but nothing is deferred there (the scrape predates the request): no reason to move.
+    scraped(acc, A, {"lora-1", "lora-2"}, {"lora-1"}, queue=1)
+    assert not deferred_on("lora-x", acc.pods[A.address])
+    # Deferred on pod-a, and pod-b is no better: full budget, its queue too long, or lora-x waits there too.
+    scraped(acc, A, {"lora-1", "lora-2"}, {"lora-1"}, queue=1, deferred=1)
+    assert deferred_on("lora-x", acc.pods[A.address])
+    for running, queue, waits_there in (({"lora-3", "lora-4"}, 0.0, False), ({"lora-x"}, 30.0, False),
+                                        ({"lora-3"}, 1.0, True)):
+        scraped(acc, B, running, queue=queue, deferred=1 if waits_there else 0)
+        if waits_there:
+            busy(acc, B, "lora-x")
+        assert move_target(route(), acc.pods, A.address) is None, (running, queue, waits_there)
+    # A pod never scraped is unknown, not free; the base model never moves.
+    del acc.pods[B.address]
+    assert move_target(route(), acc.pods, A.address) is None
+    base = Route(model="base", is_base=True, preferred=(A, B))
+    scraped(acc, B, set())
+    assert move_target(base, acc.pods, A.address) is None
+
+
+def test_the_router_s_own_requests_count_against_a_move_target_s_budget() -> None:
+    """Sent since the last scrape: pod-b's scrape shows one adapter, the router has sent it a second."""
+    acc = Accounting()
+    busy(acc, A, "lora-x")
+    scraped(acc, A, {"lora-1", "lora-2"}, queue=1, deferred=1)
+    scraped(acc, B, {"lora-3"})
+    assert move_target(route(), acc.pods, A.address) == B
+    busy(acc, B, "lora-5")
+    assert move_target(route(), acc.pods, A.address) is None
 
 
 def test_accounting_forgets_pods_that_left_the_table_once_idle() -> None:
