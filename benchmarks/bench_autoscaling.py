@@ -19,7 +19,9 @@ Policies (as in /work/shared/reference/placement-study.md):
 - P3b  the same with LoRA-affinity weight 3;
 - P4   the autoscaler in ``strict`` mode, the router's ``lora-aware`` strategy;
 - P4p  the autoscaler in ``preferred`` mode, ``lora-aware``; its pods' ``--max-cpu-loras`` has room for every
-  adapter twice across the fleet, and at least 2 x ``--max-loras``.
+  adapter twice across the fleet, and at least 2 x ``--max-loras``;
+- P4d  the study's "soft placement": P4p's placement with the Inference Extension's scoring (LoRA weight 3)
+  plus a bonus of 1 for preferred holders (not in the default run; ``--policies P4d``).
 
 Primary cell: 8 replicas, ``--max-num-seqs`` 32, ``--max-loras`` 4, 32 adapters, Zipf 1.0 popularity, the
 hot set re-drawn every 60-120 s, 85 % of the fleet's token capacity. Guard cells (``--cell``): 32 adapters
@@ -103,7 +105,12 @@ POLICIES: dict[str, Policy] = {
     "P4": Policy("P4", "autoscaler, strict placement, lora-aware router", ("--strategy", "lora-aware"), "strict"),
     "P4p": Policy("P4p", "autoscaler, preferred placement, lora-aware router", ("--strategy", "lora-aware"),
                   "preferred"),
+    "P4d": Policy("P4d", "autoscaler, preferred placement, Inference Extension scoring (LoRA 3) + preferred bonus 1",
+                  ("--strategy", "gie", "--lora-weight", "3", "--preferred-bonus", "1"), "preferred"),
 }
+
+DEFAULT_POLICIES = ("P1", "P2", "P3", "P3b", "P4", "P4p")
+"""What the acceptance asks for; P4d is there to compare with the placement study."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,8 @@ class Cell:
     load_time: float = 0.1
     time_scale: float = 1.0
     seed: int = 7
+    move_after: float | None = None  # the autoscaler's router: --move-deferred-after, simulated seconds
+    slot_cost: float | None = None  # the autoscaler's router: lora-aware --slot-cost
     up_threshold: float = 8.0
     down_threshold: float = 2.0
     up_window: float = 2.0
@@ -225,6 +234,8 @@ class Result:
     reloads: int = 0
     sim_minutes: float = 0.0
     censored: int = 0
+    moves: int = 0
+    """Requests the router moved off a pod that deferred them."""
     adapter_events: list[list[Any]] = field(default_factory=list)
     """[simulated s since the trace started, pod, load/unload/evict, adapter] for every change of a cache."""
 
@@ -316,7 +327,8 @@ def scaled(cell: Cell) -> dict[str, Any]:
     return {"sync_ms": max(100, round(1000 / f)), "up_window": up,
             "load_window": None if cell.load_window is None else max(up, round(cell.load_window / f)),
             "down_window": max(up, round(cell.down_window / f)), "drain": max(1, round(30 / f)),
-            "max_age": max(1, round(10 / f)), "audit": 3.0 / f, "scrape": 0.3 / f}
+            "max_age": max(1, round(10 / f)), "audit": 3.0 / f, "scrape": 0.3 / f,
+            "move_after": None if cell.move_after is None else cell.move_after / f}
 
 
 def autoscaler(cell: Cell, namespace: str, policy: Policy, router_metrics: str) -> dict[str, Any]:
@@ -406,6 +418,10 @@ class Fleet:
                        str(self.metrics_port), "--scrape-interval", f"{s['scrape']:.3f}", "--max-loras",
                        str(cell.max_loras), "--queue-timeout", "3600", "--first-byte-timeout", "3600",
                        "--total-timeout", "7200", "--log-level", "warning", *policy.router]
+        if s["move_after"] and policy.controller in ("strict", "preferred"):
+            router_args += ["--move-deferred-after", f"{s['move_after']:.3f}"]
+        if cell.slot_cost is not None and "lora-aware" in policy.router:
+            router_args += ["--slot-cost", f"{cell.slot_cost:g}"]
         if policy.controller is None:
             routes = {"models": {BASE: {"base": True, "pods": [f"{ip}:8000" for ip in self.pods.values()]}}}
             for a in cell.names:
@@ -455,6 +471,15 @@ class Fleet:
             return sum(1 for m in load["models"].values() if m.get("routable") and not m.get("base")) == cell.adapters
 
         wait_until(up, timeout=60, what="the router routing every adapter")
+
+    def router_moves(self) -> int:
+        """Requests the router moved off pods that deferred them (``--move-deferred-after``)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3.0) as resp:
+            text = resp.read().decode()
+        return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("lora_router_deferred_moves_total{")))
 
     def counters(self) -> tuple[int, int]:
         loads = reloads = 0
@@ -564,6 +589,7 @@ def run_policy(fleet: Fleet, trace: list[Arrival]) -> Result:
         result = asyncio.run(drive(fleet, trace, cell))
         loads1, reloads1 = fleet.counters()
         result.loads, result.reloads = loads1 - loads0, reloads1 - reloads0
+        result.moves = fleet.router_moves()
         result.adapter_events = fleet.adapter_events(since, cell.time_scale)
         return result
     finally:
@@ -593,7 +619,7 @@ def report(results: dict[str, Result], cell: Cell) -> str:
         lines.append(" | ".join(f"{(c if isinstance(c, str) else fmt(c)):>11}" for c in row))
     lines.append("(latency quantiles over completed requests; failed % counts errors and requests still unfinished "
                  "when the drain time ran out: a policy that fails more than 1 % has a longer tail than shown)")
-    for mine in ("P4", "P4p"):
+    for mine in ("P4", "P4p", "P4d"):
         if mine not in sums:
             continue
         m = sums[mine]
@@ -618,6 +644,8 @@ def report(results: dict[str, Result], cell: Cell) -> str:
                 f"E2E p50 {ratio(m['e2e_p50'], b['e2e_p50'])}, E2E p99 {ratio(m['e2e_p99'], b['e2e_p99'])} "
                 f"[<= {t_e2e:.2g}] {'ok' if ok_e2e else 'MISS'}, throughput {ratio(m['throughput'], b['throughput'])}"
                 f" [>= 1] {'ok' if ok_tp else 'MISS'}")
+        if results[mine].moves:
+            lines.append(f"  the router moved {results[mine].moves} requests off pods that deferred them")
         lines.append(f"  loads per minute across the fleet: {fmt(m['loads_per_min'])} API loads + "
                      f"{fmt(m['reloads_per_min'])} cache reloads [<= 10 loads] "
                      f"{'ok' if m['loads_per_min'] <= 10 else 'MISS'}")
@@ -685,14 +713,14 @@ def plots(results: dict[str, Result], cell: Cell, out: Path) -> list[Path]:
 def save(r: Result, path: Path) -> None:
     path.write_text(json.dumps({
         "deferred_share": r.deferred_share, "loads": r.loads, "reloads": r.reloads, "sim_minutes": r.sim_minutes,
-        "censored": r.censored, "adapter_events": r.adapter_events,
+        "censored": r.censored, "moves": r.moves, "adapter_events": r.adapter_events,
         "records": [[x.t, x.adapter, x.tokens, x.status, x.ttft, x.e2e, x.error] for x in r.records]}))
 
 
 def load(path: Path, key: str) -> Result:
     d = json.loads(path.read_text())
     return Result(key, [Record(*row) for row in d["records"]], d["deferred_share"], d["loads"], d["reloads"],
-                  d["sim_minutes"], d["censored"], d.get("adapter_events", []))
+                  d["sim_minutes"], d["censored"], d.get("moves", 0), d.get("adapter_events", []))
 
 
 def _without(args: list[str], flag: str) -> list[str]:
@@ -735,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-loras", type=int, help="vLLM's --max-loras of every replica")
     p.add_argument("--cpu-loras", type=int, help="vLLM's --max-cpu-loras of the preferred mode's replicas "
                    "(default: room for every adapter twice across the fleet, at least 2 x --max-loras)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                   help="comma-separated subset of " + ",".join(POLICIES))
     p.add_argument("--duration", type=float, help="simulated seconds of arrivals")
     p.add_argument("--time-scale", type=float, help="simulators this many times faster than real time")
     p.add_argument("--load", type=float, help="fraction of the fleet's token capacity (default 0.85)")
@@ -746,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--up-window", type=float, help="scale-up window, simulated seconds")
     p.add_argument("--down-window", type=float, help="scale-down window, simulated seconds")
     p.add_argument("--load-window", type=float, help="scale-up window when the replica needs a load, simulated s")
+    p.add_argument("--move-after", type=float, help="the autoscaler policies' router moves a request waiting this "
+                   "long for a LoRA slot (--move-deferred-after), simulated seconds")
+    p.add_argument("--slot-cost", type=float, help="the lora-aware router's --slot-cost (P4, P4p)")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_autoscaling")
     p.add_argument("--one", choices=sorted(POLICIES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -764,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
                                    ("up_window", args.up_window), ("down_window", args.down_window),
                                    ("load_window", args.load_window),
                                    ("adapters", args.adapters), ("max_loras", args.max_loras),
-                                   ("cpu_loras", args.cpu_loras))
+                                   ("cpu_loras", args.cpu_loras), ("move_after", args.move_after),
+                                   ("slot_cost", args.slot_cost))
                  if v is not None}
     if overrides:
         cell = Cell(**{**asdict(cell), **overrides})
