@@ -467,15 +467,12 @@ def test_a_request_waiting_for_a_lora_slot_moves_to_a_holder_where_its_adapter_r
                 await wait_until(lambda: all(st.metrics is not None for st in svc.accounting.pods.values()),
                                  what="both pods scraped")
                 table.set_route("a", [holder(s0, "pod-0"), holder(s1, "pod-1")])
-                t0 = time.monotonic()
                 status, data = await complete(session, "a", max_tokens=5, stream=stream)
-                took = time.monotonic() - t0
                 assert status == 200
                 if stream:
                     assert b"data: [DONE]" in data
                 else:
                     assert data["choices"][0]["finish_reason"] == "length"
-                assert took < 3, f"the request waited {took:.1f}s: it was not moved"
                 assert svc.accounting.moves == {("a", "pod-0"): 1}
                 assert counters(s1)["requests_by_model"]["a"] == 5
                 await wait_until(lambda: counters(s0)["aborted_by_model"].get("a") == 1,
