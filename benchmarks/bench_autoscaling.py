@@ -365,11 +365,15 @@ def _env(cp: ControlPlane) -> dict[str, str]:
     return env
 
 
-def _get(url: str, timeout: float = 3.0) -> Any:
+def _get_text(url: str, timeout: float = 3.0) -> str:
     import urllib.request
 
     with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
+        return str(resp.read().decode())
+
+
+def _get(url: str, timeout: float = 3.0) -> Any:
+    return json.loads(_get_text(url, timeout))
 
 
 def ready_pods(kube: KubeClient, namespace: str) -> dict[str, str]:
@@ -474,10 +478,7 @@ class Fleet:
 
     def router_moves(self) -> int:
         """Requests the router moved off pods that deferred them (``--move-deferred-after``)."""
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3.0) as resp:
-            text = resp.read().decode()
+        text = _get_text(f"http://127.0.0.1:{self.metrics_port}/metrics")
         return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                          if line.startswith("lora_router_deferred_moves_total{")))
 

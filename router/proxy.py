@@ -448,13 +448,13 @@ class Router:
         the client because the request waited too long for a LoRA slot (an ``_Attempt`` with a target)."""
         pod = holder.pod
         c = self.config
-        watch = route is not None and not route.is_base and c.move_deferred_after > 0
+        watch = route if route is not None and not route.is_base and c.move_deferred_after > 0 else None
         try:
             sent = self.pool.request(
                 holder.address, head, body, is_head=request.method == "HEAD", read_timeout=c.first_byte_timeout,
                 total_timeout=c.total_timeout,
             )  # fmt: skip
-            resp = await (self._unless_starved(sent, route, holder) if watch and route is not None else sent)
+            resp = await (sent if watch is None else self._unless_starved(sent, watch, holder))
         except UpstreamError as exc:
             return self._failed_attempt(exc, pod)
         except _Moved as moved:
@@ -464,10 +464,10 @@ class Router:
             is_sse = resp.content_type.startswith("text/event-stream")
             if resp.content_length is None or is_sse:
                 first: bytes | None = None
-                if watch and route is not None and status == 200:
+                if watch is not None and status == 200:
                     # Nothing goes to the client before the first piece: until then the request may move.
                     try:
-                        first = await self._unless_starved(resp.next_chunk(), route, holder)
+                        first = await self._unless_starved(resp.next_chunk(), watch, holder)
                     except _Moved as moved:
                         resp.close()
                         return _Attempt("moved", 0, "", True, moved.target)

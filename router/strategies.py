@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from api.labels import TIER_PREFERRED
 from router.accounting import PodState
 from router.routes import Holder, Route
+from router.scrape import PodMetrics
 
 
 class Strategy(ABC):
@@ -52,6 +53,16 @@ def _candidates(route: Route, exclude: Collection[str]) -> Sequence[Holder]:
     if not exclude:
         return route.holders
     return [h for h in route.holders if h.address not in exclude]
+
+
+def _max_loras(m: PodMetrics | None, default: int | None) -> int | None:
+    """The pod's LoRA budget as its scrape reports it, else the configured default."""
+    return m.max_loras if m is not None and m.max_loras is not None else default
+
+
+def _queue_full(m: PodMetrics, queue_bound: float, kv_bound: float) -> bool:
+    """More than ``queue_bound`` requests wait for capacity (not for a LoRA slot), or the KV cache is full."""
+    return m.waiting - m.deferred > queue_bound or m.kv_usage >= kv_bound
 
 
 def _rotate(best: list[Holder], seq: int) -> Holder:
@@ -117,7 +128,7 @@ class GIE(Strategy):
             return 0.8 if self.default_max_loras is None or self.default_max_loras > 0 else 0.0
         if model in m.running_adapters:
             return 1.0
-        max_loras = m.max_loras if m.max_loras is not None else self.default_max_loras
+        max_loras = _max_loras(m, self.default_max_loras)
         if max_loras is None or len(m.running_adapters | m.waiting_adapters) < max_loras:
             return 0.8
         if model in m.waiting_adapters:
@@ -203,13 +214,13 @@ class LoraAware(Strategy):
                 active = set(st.adapters) | m.running_adapters | m.waiting_adapters
                 here = here or model in active
             if not here:
-                max_loras = m.max_loras if m is not None and m.max_loras is not None else self.default_max_loras
+                max_loras = _max_loras(m, self.default_max_loras)
                 if max_loras is not None and len(active) >= max_loras:
                     cost += self.defer_cost + (m.deferred if m is not None else 0.0)
                     saturated = True
                 else:
                     cost += self.slot_cost
-        if m is not None and (m.waiting - m.deferred > self.queue_bound or m.kv_usage >= self.kv_bound):
+        if m is not None and _queue_full(m, self.queue_bound, self.kv_bound):
             saturated = True
         return cost, saturated
 
@@ -236,9 +247,10 @@ def deferred_on(model: str, st: PodState | None) -> bool:
     """Whether requests of ``model`` the router sent to this pod wait there for a LoRA slot, as its last
     scrape tells: the adapter is not running there and the pod defers requests. (vLLM lists a deferred
     adapter in neither ``running_lora_adapters`` nor ``waiting_lora_adapters``.)"""
-    m = st.metrics if st is not None else None
-    return (st is not None and m is not None and model in st.adapters and model not in m.running_adapters
-            and m.deferred > 0)
+    if st is None or st.metrics is None:
+        return False
+    m = st.metrics
+    return model in st.adapters and model not in m.running_adapters and m.deferred > 0
 
 
 def starts_at_once(
@@ -248,17 +260,17 @@ def starts_at_once(
     """Whether a request for adapter ``model`` sent to this pod now would be scheduled without waiting for a
     LoRA slot: the adapter runs there, or the pod's budget has room for one more, and the pod's queue and KV
     cache are not full. Unknown state (never scraped) is not enough to say yes."""
-    m = st.metrics if st is not None else None
-    if st is None or m is None:
+    if st is None or st.metrics is None:
         return False
-    if m.waiting - m.deferred > queue_bound or m.kv_usage >= kv_bound:
+    m = st.metrics
+    if _queue_full(m, queue_bound, kv_bound):
         return False
     if model in m.running_adapters:
         return True
     active = set(st.adapters) | m.running_adapters | m.waiting_adapters
     if model in active:
         return False  # it waits there already
-    max_loras = m.max_loras if m.max_loras is not None else default_max_loras
+    max_loras = _max_loras(m, default_max_loras)
     return max_loras is None or len(active) < max_loras
 
 
@@ -277,9 +289,8 @@ def move_target(
         if h.address == current:
             continue
         st = pods.get(h.address)
-        if not starts_at_once(route.model, st, default_max_loras, queue_bound):
+        if st is None or not starts_at_once(route.model, st, default_max_loras, queue_bound):
             continue
-        assert st is not None
         key = (0 if h.tier == TIER_PREFERRED else 1, st.inflight + st.external_load())
         if best_key is None or key < best_key:
             best_key, best = key, [h]
