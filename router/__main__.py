@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a request may wait, before any byte of its answer, on a pod where its adapter has no LoRA "
         "slot before it moves to a holder where the adapter runs or has room (0: never)",
     )
+    st.add_argument(
+        "--hold-for-slot",
+        type=float,
+        default=0.0,
+        help="seconds a request may wait in the router, when every holder's LoRA budget is taken by other "
+        "adapters, for the first holder where a slot frees (oldest first) before it is sent anyway (0: never held)",
+    )
     st.add_argument("--scrape-interval", type=float, default=0.3, help="seconds between scrapes of each pod")
     up = p.add_argument_group("upstream requests")
     up.add_argument("--connect-timeout", type=float, default=5.0)
@@ -113,9 +120,10 @@ async def run(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             log.error("--%s must be positive", name.replace("_", "-"))
             return 2
-    if args.move_deferred_after < 0:
-        log.error("--move-deferred-after must be 0 (off) or positive")
-        return 2
+    for name in ("move_deferred_after", "hold_for_slot"):
+        if getattr(args, name) < 0:
+            log.error("--%s must be 0 (off) or positive", name.replace("_", "-"))
+            return 2
     try:
         api_key = _api_key(args.api_key_file)
     except (OSError, ValueError) as exc:
@@ -136,6 +144,7 @@ async def run(args: argparse.Namespace) -> int:
         queue_timeout=args.queue_timeout,
         max_body_bytes=args.max_body_bytes,
         move_deferred_after=args.move_deferred_after,
+        hold_for_slot=args.hold_for_slot,
         move_check_interval=max(0.05, min(args.scrape_interval, 1.0)),
         max_loras=args.max_loras,
         queue_bound=args.queue_bound,

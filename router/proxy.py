@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from router.accounting import Accounting
 from router.errors import error_body, sse_error_event
 from router.metrics import RouterMetrics
 from router.routes import Holder, Route, RouteTable
-from router.strategies import Strategy, move_target
+from router.strategies import Strategy, move_target, saturated
 from router.upstream import UpstreamError, UpstreamPool, UpstreamResponse, serialise_head
 
 T = TypeVar("T")
@@ -126,6 +127,11 @@ class RouterConfig:
     """vLLM's ``--max-loras`` of pods not scraped yet (for the move check)."""
     queue_bound: float = 8.0
     """Requests waiting for capacity above which a pod is no place to move a request to."""
+    hold_for_slot: float = 0.0
+    """Seconds a request for an adapter may wait in the router when every holder is saturated for it (its
+    LoRA budget taken by other adapters, or its queue above ``queue_bound``), to go to the first holder that
+    is not (oldest request first), before it is sent to the best of them anyway (0: sent at once, to wait
+    on that pod)."""
 
 
 class _Attempt:
@@ -140,6 +146,18 @@ class _Attempt:
         self.retry = retry
         self.target = target
         """Where to send the request next (a request moved off a pod where its adapter waits for a slot)."""
+
+
+class _SlotWait:
+    """A request held in the router until one of its adapter's holders has a LoRA slot for it."""
+
+    __slots__ = ("future", "model", "seq")
+
+    def __init__(self, model: str, seq: int, future: asyncio.Future[Holder]) -> None:
+        self.model = model
+        self.seq = seq
+        self.future = future
+        """Set to the holder granted (already counted as started there)."""
 
 
 class _Moved(Exception):
@@ -171,6 +189,7 @@ class Router:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = 0
         self._changed = asyncio.Event()
+        self._slot_waiters: deque[_SlotWait] = deque()
         self._models_cache: tuple[int, bytes] = (-1, b"")
         self._auth = f"Bearer {self.config.api_key}".encode("latin-1") if self.config.api_key else None
         table.add_listener(self._on_table_change)
@@ -214,6 +233,7 @@ class Router:
     def _on_table_change(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        self.grant_slots()
 
     # --- small handlers -----------------------------------------------------------------------------------
 
@@ -389,8 +409,17 @@ class Router:
                 holder = self.strategy.choose(route, acc.pods, (), seq)  # the only holder: try it again
             if holder is None:
                 break
+            started = False
+            if attempt == 0 and not is_base and self.config.hold_for_slot > 0 and self._saturated(model, holder):
+                granted = await self._hold_for_slot(model, seq)
+                if granted is not None:
+                    holder, started = granted, True
+                else:  # held long enough: the best holder now, to wait there
+                    route = self.table.lookup(model) or route
+                    holder = self.strategy.choose(route, acc.pods, (), seq) or holder
             tried.append(holder.address)
-            acc.start(model, holder.address, holder.pod, is_base)
+            if not started:
+                acc.start(model, holder.address, holder.pod, is_base)
             code = 0  # stays 0 for an attempt that is retried: only the answer the client gets is counted
             try:
                 head = serialise_head(method, path_qs, holder.address, headers, len(body))
@@ -420,6 +449,8 @@ class Router:
                 raise
             finally:
                 acc.finish(model, holder.address, is_base)
+                if self._slot_waiters:
+                    self.grant_slots()  # a LoRA slot or a place in the queue may be free now
                 if code:
                     acc.count_code(model, holder.pod, code)
                     if self.metrics is not None and code != 499:
@@ -428,6 +459,56 @@ class Router:
         if last is None:
             return json_error(503, f"no ready replica holds `{model}`", "model")
         return json_error(last.status, last.message)
+
+    async def _hold_for_slot(self, model: str, seq: int) -> Holder | None:
+        """Wait in the router, at most ``hold_for_slot`` seconds, until :meth:`grant_slots` gives this request
+        a holder with a LoRA slot for ``model``; that holder is returned already counted as started. None:
+        the time ran out first. Held requests count as queued for the model (the autoscaler's load)."""
+        future: asyncio.Future[Holder] = asyncio.get_running_loop().create_future()
+        waiter = _SlotWait(model, seq, future)
+        self._slot_waiters.append(waiter)
+        stats = self.accounting.model(model)
+        stats.queued += 1
+        try:
+            await asyncio.wait((future,), timeout=self.config.hold_for_slot)
+        except asyncio.CancelledError:
+            if future.done():  # granted just as the client left: give the slot on
+                self.accounting.finish(model, future.result().address)
+                self.grant_slots()
+            raise
+        finally:
+            stats.queued -= 1
+            if not future.done():
+                future.cancel()
+                with contextlib.suppress(ValueError):
+                    self._slot_waiters.remove(waiter)
+        return future.result() if future.done() and not future.cancelled() else None
+
+    def _saturated(self, model: str, holder: Holder) -> bool:
+        c = self.config
+        return saturated(model, self.accounting.pods.get(holder.address), default_max_loras=c.max_loras,
+                         queue_bound=c.queue_bound)
+
+    def grant_slots(self) -> None:
+        """Send held requests, oldest first, to the holders the strategy chooses for them where those are not
+        saturated for their adapter (each is counted as started there at once, so the next one sees the slot
+        or the queue place taken). Called when a request ends, when the route table changes and after
+        scrapes (queues, other senders' load)."""
+        if not self._slot_waiters:
+            return
+        acc = self.accounting
+        blocked: set[str] = set()  # sending only adds load, so a model with no place stays without one
+        for waiter in list(self._slot_waiters):
+            if waiter.model in blocked:
+                continue
+            route = self.table.lookup(waiter.model)
+            holder = self.strategy.choose(route, acc.pods, (), waiter.seq) if route is not None else None
+            if holder is None or self._saturated(waiter.model, holder):
+                blocked.add(waiter.model)
+                continue
+            self._slot_waiters.remove(waiter)
+            acc.start(waiter.model, holder.address, holder.pod)
+            waiter.future.set_result(holder)
 
     async def _exchange(
         self,

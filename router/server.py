@@ -18,7 +18,7 @@ from router.accounting import Accounting
 from router.metrics import RouterMetrics, load_report
 from router.proxy import Router, RouterConfig
 from router.routes import RouteError, RouteTable, load_static_routes
-from router.scrape import Scraper
+from router.scrape import PodMetrics, Scraper
 from router.strategies import Strategy
 
 log = logging.getLogger("router")
@@ -147,12 +147,16 @@ class RouterService:
             self._scraper = Scraper(
                 self.router.session,
                 self.table.addresses,
-                self.accounting.store_metrics,
+                self._store_metrics,
                 interval=self.scrape_interval,
                 headers=headers,
             )
             self._scraper.start()
         self._tasks.append(loop.create_task(self._tick(), name="router-rates"))
+
+    def _store_metrics(self, address: str, metrics: PodMetrics | None) -> None:
+        self.accounting.store_metrics(address, metrics)
+        self.router.grant_slots()  # what others send to the pod changes which LoRA slots are free
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()

@@ -65,6 +65,40 @@ def _queue_full(m: PodMetrics, queue_bound: float, kv_bound: float) -> bool:
     return m.waiting - m.deferred > queue_bound or m.kv_usage >= kv_bound
 
 
+def lora_slot(model: str, st: PodState, default_max_loras: int | None = None) -> bool | None:
+    """Whether adapter ``model`` holds a LoRA slot on the pod ``st`` describes (True), would take a free one
+    (False), or finds its budget taken by other adapters (None: a request sent there waits for a slot).
+
+    The router's own in-flight counts say which adapters take a slot; when others send to the pod too (load
+    the router did not send), what vLLM last reported running or waiting counts as well."""
+    if model in st.adapters:
+        return True
+    active: Collection[str] = st.adapters
+    m = st.metrics
+    if m is not None and st.external_load() > 0:
+        active = set(st.adapters) | m.running_adapters | m.waiting_adapters
+        if model in active:
+            return True
+    max_loras = _max_loras(m, default_max_loras)
+    if max_loras is not None and len(active) >= max_loras:
+        return None
+    return False
+
+
+def saturated(
+    model: str, st: PodState | None, *, is_base: bool = False, default_max_loras: int | None = None,
+    queue_bound: float = 8.0, kv_bound: float = 0.95,
+) -> bool:
+    """Whether a request for ``model`` sent to this pod now would wait there: its adapter has no LoRA slot
+    (see :func:`lora_slot`), or more than ``queue_bound`` requests wait for capacity, or the KV cache is full.
+    A pod never used or scraped is not saturated as far as anyone knows."""
+    if st is None:
+        return False
+    if not is_base and lora_slot(model, st, default_max_loras) is None:
+        return True
+    return st.metrics is not None and _queue_full(st.metrics, queue_bound, kv_bound)
+
+
 def _rotate(best: list[Holder], seq: int) -> Holder:
     return best[0] if len(best) == 1 else best[seq % len(best)]
 
@@ -203,23 +237,15 @@ class LoraAware(Strategy):
             no_room = not is_base and self.default_max_loras is not None and self.default_max_loras <= 0
             return (self.slot_cost if not is_base else 0.0) + (self.defer_cost if no_room else 0.0), no_room
         m = st.metrics
-        external = st.external_load()
-        cost = st.inflight + external
+        cost = st.inflight + st.external_load()
         saturated = False
         if not is_base:
-            here = model in st.adapters
-            active: Collection[str] = st.adapters
-            if m is not None and external > 0:
-                # Others send to this pod too: what vLLM reports running or waiting counts as well.
-                active = set(st.adapters) | m.running_adapters | m.waiting_adapters
-                here = here or model in active
-            if not here:
-                max_loras = _max_loras(m, self.default_max_loras)
-                if max_loras is not None and len(active) >= max_loras:
-                    cost += self.defer_cost + (m.deferred if m is not None else 0.0)
-                    saturated = True
-                else:
-                    cost += self.slot_cost
+            slot = lora_slot(model, st, self.default_max_loras)
+            if slot is None:
+                cost += self.defer_cost + (m.deferred if m is not None else 0.0)
+                saturated = True
+            elif not slot:
+                cost += self.slot_cost
         if m is not None and _queue_full(m, self.queue_bound, self.kv_bound):
             saturated = True
         return cost, saturated

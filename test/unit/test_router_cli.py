@@ -109,3 +109,8 @@ def test_bad_settings_exit_with_a_reason(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.returncode == 2 and "--move-deferred-after must be 0 (off) or positive" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "router", "--hold-for-slot", "-0.5", "--routes-file", str(bad)],
+        cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--hold-for-slot must be 0 (off) or positive" in result.stderr

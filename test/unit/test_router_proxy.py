@@ -484,6 +484,70 @@ def test_a_request_waiting_for_a_lora_slot_moves_to_a_holder_where_its_adapter_r
     run(body)
 
 
+def test_a_request_whose_holders_have_no_lora_slot_waits_in_the_router_for_the_first_to_free() -> None:
+    """Both pods run two other adapters (max_loras 2). With --hold-for-slot, requests for `a` and then `f`
+    wait in the router (counted as queued, nothing sent); when an adapter leaves pod-1, the oldest held
+    request (`a`) takes its slot there; when `a` leaves in turn, `f` takes it."""
+
+    async def body() -> None:
+        async with simulators([["a", "b", "c", "f"], ["a", "d", "e", "f"]]) as (s0, s1):
+            table = RouteTable()
+            for m in ("a", "f"):
+                table.set_route(m, [holder(s0, "pod-0"), holder(s1, "pod-1")])
+            for m, sim in (("b", s0), ("c", s0), ("d", s1), ("e", s1)):
+                table.set_route(m, [holder(sim, f"pod-{0 if sim is s0 else 1}")])
+            async with router(table, hold_for_slot=30.0, max_loras=2) as (svc, session):
+                acc = svc.accounting
+                busy = {m: asyncio.create_task(complete(session, m, max_tokens=100_000)) for m in "bcde"}
+                await wait_until(lambda: in_flight(svc, holder(s0)) == 2 and in_flight(svc, holder(s1)) == 2,
+                                 what="both pods busy")
+                held_a = asyncio.create_task(complete(session, "a", max_tokens=100_000))
+                await wait_until(lambda: acc.model("a").queued == 1, what="`a` held")
+                held_f = asyncio.create_task(complete(session, "f", max_tokens=5))
+                await wait_until(lambda: acc.model("f").queued == 1, what="`f` held")
+                assert "a" not in counters(s0)["requests_by_model"] and "a" not in counters(s1)["requests_by_model"]
+
+                busy["e"].cancel()  # the client leaves: `e` leaves pod-1, `a` (the oldest) takes its slot
+                await wait_until(lambda: counters(s1)["requests_by_model"].get("a") == 1, what="`a` sent to pod-1")
+                assert acc.model("a").queued == 0 and acc.model("f").queued == 1
+                assert "a" not in counters(s0)["requests_by_model"] and "f" not in counters(s1)["requests_by_model"]
+
+                held_a.cancel()  # `a` leaves pod-1 in turn: `f` takes the slot
+                status, data = await asyncio.wait_for(held_f, 10)
+                assert status == 200 and data["choices"][0]["finish_reason"] == "length"
+                assert counters(s1)["requests_by_model"]["f"] == 1 and "f" not in counters(s0)["requests_by_model"]
+                assert acc.model("f").queued == 0
+                for task in busy.values():
+                    task.cancel()
+                await asyncio.gather(held_a, *busy.values(), return_exceptions=True)
+
+    run(body)
+
+
+def test_a_held_request_is_sent_anyway_when_its_time_runs_out() -> None:
+    """No slot frees within --hold-for-slot: the request goes to a holder and waits there for a slot."""
+
+    async def body() -> None:
+        async with simulators([["a", "b", "c"]]) as (s0,):
+            table = RouteTable()
+            for m in "abc":
+                table.set_route(m, [holder(s0, "pod-0")])
+            async with router(table, hold_for_slot=0.3, max_loras=2) as (svc, session):
+                busy = {m: asyncio.create_task(complete(session, m, max_tokens=100_000)) for m in "bc"}
+                await wait_until(lambda: in_flight(svc, holder(s0)) == 2, what="the pod busy")
+                late = asyncio.create_task(complete(session, "a", max_tokens=5))
+                await wait_until(lambda: counters(s0)["requests_by_model"].get("a") == 1,
+                                 what="`a` sent to the pod after its hold")
+                assert svc.accounting.model("a").queued == 0 and not late.done()
+                busy["b"].cancel()
+                status, _ = await asyncio.wait_for(late, 10)
+                assert status == 200
+                busy["c"].cancel()
+                await asyncio.gather(*busy.values(), return_exceptions=True)
+
+    run(body)
+
+
 def test_api_key_is_forwarded_to_the_pods() -> None:
     async def body() -> None:
         async with simulators([["a"]], api_keys=["s3cret"]) as (s0,):

@@ -17,8 +17,10 @@ from router.strategies import (
     LeastOutstanding,
     LoraAware,
     deferred_on,
+    lora_slot,
     make_strategy,
     move_target,
+    saturated,
     starts_at_once,
 )
 
@@ -261,6 +263,35 @@ def test_the_router_s_own_requests_count_against_a_move_target_s_budget() -> Non
     assert move_target(route(), acc.pods, A.address) == B
     busy(acc, B, "lora-5")
     assert move_target(route(), acc.pods, A.address) is None
+
+
+def test_lora_slot_and_saturation_say_whether_a_request_sent_now_would_wait() -> None:
+    """What --hold-for-slot holds a request on: every holder saturated for its adapter."""
+    acc = Accounting()
+    assert not saturated("lora-x", None)  # never used, never scraped: not known to be busy
+    busy(acc, A, "lora-1")
+    busy(acc, A, "lora-2")
+    a = acc.pods[A.address]
+    assert lora_slot("lora-1", a, 2) is True  # holds a slot
+    assert lora_slot("lora-x", a, 2) is None and saturated("lora-x", a, default_max_loras=2)  # budget taken
+    assert lora_slot("lora-x", a, 3) is False and not saturated("lora-x", a, default_max_loras=3)  # room
+    assert lora_slot("lora-x", a, None) is False  # budget unknown: room as far as anyone knows
+    assert not saturated("base", a, is_base=True, default_max_loras=2)  # the base model takes no LoRA slot
+    # The scrape's max_lora wins over the default; a queue above the bound or a full KV cache saturates too.
+    scraped(acc, A, {"lora-1", "lora-2"}, max_loras=4)
+    assert not saturated("lora-x", a, default_max_loras=2)
+    scraped(acc, A, {"lora-1", "lora-2"}, queue=9, max_loras=4)
+    assert saturated("lora-1", a, queue_bound=8) and not saturated("lora-1", a, queue_bound=9)
+    assert saturated("base", a, is_base=True, queue_bound=8)
+    # Deferred requests wait for a slot, not for capacity: they do not count against the queue bound.
+    scraped(acc, A, {"lora-1", "lora-2"}, queue=9, deferred=5, max_loras=4)
+    assert not saturated("lora-1", a, queue_bound=8)
+    acc.store_metrics(A.address, PodMetrics(running=2, kv_usage=0.97, max_loras=4))
+    assert saturated("lora-1", a) and not saturated("lora-1", a, kv_bound=0.99)
+    # Adapters other senders run there count once the pod carries load the router did not send.
+    acc.store_metrics(B.address, PodMetrics(running=3, max_loras=2, running_adapters=frozenset({"lora-7", "lora-8"})))
+    b = acc.pods[B.address]
+    assert lora_slot("lora-7", b) is True and lora_slot("lora-x", b) is None
 
 
 def test_accounting_forgets_pods_that_left_the_table_once_idle() -> None:
