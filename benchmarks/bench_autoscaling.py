@@ -19,7 +19,9 @@ Policies (as in /work/shared/reference/placement-study.md):
 - P3b  the same with LoRA-affinity weight 3;
 - P4   the autoscaler in ``strict`` mode, the router's ``lora-aware`` strategy;
 - P4p  the autoscaler in ``preferred`` mode, ``lora-aware``; its pods' ``--max-cpu-loras`` has room for every
-  adapter twice across the fleet, and at least 2 x ``--max-loras``;
+  adapter (``--cpu-loras``).
+  The autoscaler policies' router holds a request whose holders are all saturated for it until one is not
+  (``--hold-for-slot``, 60 simulated s by default);
 - P4d  the study's "soft placement": P4p's placement with the Inference Extension's scoring (LoRA weight 3)
   plus a bonus of 1 for preferred holders (not in the default run; ``--policies P4d``).
 
@@ -133,6 +135,7 @@ class Cell:
     seed: int = 7
     move_after: float | None = None  # the autoscaler's router: --move-deferred-after, simulated seconds
     slot_cost: float | None = None  # the autoscaler's router: lora-aware --slot-cost
+    hold_for_slot: float = 60.0  # the autoscaler's router: --hold-for-slot, simulated seconds (0: off)
     up_threshold: float = 8.0
     down_threshold: float = 2.0
     up_window: float = 2.0
@@ -140,15 +143,16 @@ class Cell:
     """scaleUp.loadWindowSeconds, simulated s; None: unset (the scale-up window applies to loads too)."""
     down_window: float = 30.0
     drain_seconds: float = 120.0  # simulated seconds to wait for requests after the last arrival
-    cpu_loras: int = 0  # preferred mode's --max-cpu-loras; 0: room for every adapter twice, at least 2 x max_loras
+    cpu_loras: int = 0  # preferred mode's --max-cpu-loras; 0: every adapter (at most 256), at least max_loras
 
     @property
     def names(self) -> list[str]:
         return [f"lora-{i}" for i in range(1, self.adapters + 1)]
 
     def resident_loras(self) -> int:
-        """``--max-cpu-loras`` of the preferred mode's pods (host memory is cheap next to batch slots)."""
-        return self.cpu_loras or max(2 * self.max_loras, math.ceil(2 * self.adapters / self.replicas))
+        """``--max-cpu-loras`` of the preferred mode's pods: by default every adapter, as P2 and P3 have it
+        (host memory is cheap next to batch slots, and no copy is ever loaded after the first fill)."""
+        return self.cpu_loras or min(256, max(self.max_loras, self.adapters))
 
     def capacity_rps(self) -> float:
         """Requests per simulated second the fleet serves with every batch full and no LoRA budget."""
@@ -328,7 +332,8 @@ def scaled(cell: Cell) -> dict[str, Any]:
             "load_window": None if cell.load_window is None else max(up, round(cell.load_window / f)),
             "down_window": max(up, round(cell.down_window / f)), "drain": max(1, round(30 / f)),
             "max_age": max(1, round(10 / f)), "audit": 3.0 / f, "scrape": 0.3 / f,
-            "move_after": None if cell.move_after is None else cell.move_after / f}
+            "move_after": None if cell.move_after is None else cell.move_after / f,
+            "hold_for_slot": cell.hold_for_slot / f}
 
 
 def autoscaler(cell: Cell, namespace: str, policy: Policy, router_metrics: str) -> dict[str, Any]:
@@ -424,6 +429,8 @@ class Fleet:
                        "--total-timeout", "7200", "--log-level", "warning", *policy.router]
         if s["move_after"] and policy.controller in ("strict", "preferred"):
             router_args += ["--move-deferred-after", f"{s['move_after']:.3f}"]
+        if s["hold_for_slot"] and policy.controller in ("strict", "preferred"):
+            router_args += ["--hold-for-slot", f"{s['hold_for_slot']:.3f}"]
         if cell.slot_cost is not None and "lora-aware" in policy.router:
             router_args += ["--slot-cost", f"{cell.slot_cost:g}"]
         if policy.controller is None:
@@ -778,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-window", type=float, help="scale-up window when the replica needs a load, simulated s")
     p.add_argument("--move-after", type=float, help="the autoscaler policies' router moves a request waiting this "
                    "long for a LoRA slot (--move-deferred-after), simulated seconds")
+    p.add_argument("--hold-for-slot", type=float, help="the autoscaler policies' router holds a request whose "
+                   "holders are all saturated for it up to this long for the first to free (--hold-for-slot), "
+                   "simulated seconds; default 60, 0: off")
     p.add_argument("--slot-cost", type=float, help="the lora-aware router's --slot-cost (P4, P4p)")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_autoscaling")
     p.add_argument("--one", choices=sorted(POLICIES), help=argparse.SUPPRESS)
@@ -798,12 +808,15 @@ def main(argv: list[str] | None = None) -> int:
                                    ("load_window", args.load_window),
                                    ("adapters", args.adapters), ("max_loras", args.max_loras),
                                    ("cpu_loras", args.cpu_loras), ("move_after", args.move_after),
-                                   ("slot_cost", args.slot_cost))
+                                   ("slot_cost", args.slot_cost), ("hold_for_slot", args.hold_for_slot))
                  if v is not None}
     if overrides:
         cell = Cell(**{**asdict(cell), **overrides})
     if cell.time_scale <= 0 or cell.duration <= 0 or not 0 < cell.load <= 2:
         print("--time-scale and --duration must be positive and --load in (0, 2]", file=sys.stderr)
+        return 2
+    if cell.hold_for_slot < 0:
+        print("--hold-for-slot must be 0 (off) or positive", file=sys.stderr)
         return 2
     if cell.adapters < 1 or not 1 <= cell.max_loras <= 256 or not (cell.cpu_loras == 0 or
                                                                     cell.max_loras <= cell.cpu_loras <= 256):
@@ -825,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
         f"requests/s of {cell.tokens_min}-{cell.tokens_max} tokens; autoscaler thresholds {cell.up_threshold:g}/"
         f"{cell.down_threshold:g} outstanding per replica, windows {cell.up_window:g}/{cell.down_window:g} s "
         f"{'' if cell.load_window is None else f'(up with a load {cell.load_window:g} s)'}; "
-        f"preferred mode's --max-cpu-loras {cell.resident_loras()} (cell {args.cell})")
+        f"preferred mode's --max-cpu-loras {cell.resident_loras()}; autoscaler router --hold-for-slot "
+        f"{cell.hold_for_slot:g} s (cell {args.cell})")
     say(f"time: simulators {cell.time_scale:g}x faster than real time; controller sync {s['sync_ms']} ms, "
         f"windows {s['up_window']}/{s['down_window']} s, audit {s['audit']:.2f} s, router scrape "
         f"{s['scrape']:.3f} s (real; every timing scaled by the same factor). Latencies in simulated seconds.")
