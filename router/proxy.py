@@ -149,7 +149,7 @@ class _Attempt:
 
 
 class _SlotWait:
-    """A request held in the router until one of its adapter's holders has a LoRA slot for it."""
+    """A request held in the router until one of its adapter's holders is not saturated for it."""
 
     __slots__ = ("future", "model", "seq")
 
@@ -462,8 +462,8 @@ class Router:
 
     async def _hold_for_slot(self, model: str, seq: int) -> Holder | None:
         """Wait in the router, at most ``hold_for_slot`` seconds, until :meth:`grant_slots` gives this request
-        a holder with a LoRA slot for ``model``; that holder is returned already counted as started. None:
-        the time ran out first. Held requests count as queued for the model (the autoscaler's load)."""
+        a holder that is not saturated for ``model``; that holder is returned already counted as started.
+        None: the time ran out first. Held requests count as queued for the model (the autoscaler's load)."""
         future: asyncio.Future[Holder] = asyncio.get_running_loop().create_future()
         waiter = _SlotWait(model, seq, future)
         self._slot_waiters.append(waiter)

@@ -156,7 +156,7 @@ class RouterService:
 
     def _store_metrics(self, address: str, metrics: PodMetrics | None) -> None:
         self.accounting.store_metrics(address, metrics)
-        self.router.grant_slots()  # what others send to the pod changes which LoRA slots are free
+        self.router.grant_slots()  # the pod's queue, and what others send it, say where held requests may go
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
