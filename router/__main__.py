@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hold-for-slot",
         type=float,
         default=0.0,
-        help="seconds a request may wait in the router, when every holder's LoRA budget is taken by other "
-        "adapters, for the first holder where a slot frees (oldest first) before it is sent anyway (0: never held)",
+        help="seconds a request for an adapter may wait in the router, while every holder is saturated for it "
+        "(no LoRA slot, queue above --queue-bound, full KV cache), for the first that is not (oldest first) "
+        "before it is sent anyway (0: never held)",
     )
     st.add_argument("--scrape-interval", type=float, default=0.3, help="seconds between scrapes of each pod")
     up = p.add_argument_group("upstream requests")

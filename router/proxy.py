@@ -410,7 +410,8 @@ class Router:
             if holder is None:
                 break
             started = False
-            if attempt == 0 and not is_base and self.config.hold_for_slot > 0 and self._saturated(model, holder):
+            if (attempt == 0 and not is_base and self.config.hold_for_slot > 0 and self._saturated(model, holder)
+                    and len(self._saturated_holders(route)) == len(holders)):
                 granted = await self._hold_for_slot(model, seq)
                 if granted is not None:
                     holder, started = granted, True
@@ -489,6 +490,10 @@ class Router:
         return saturated(model, self.accounting.pods.get(holder.address), default_max_loras=c.max_loras,
                          queue_bound=c.queue_bound)
 
+    def _saturated_holders(self, route: Route) -> set[str]:
+        """Addresses of ``route``'s holders that are saturated for its model (whatever the strategy)."""
+        return {h.address for h in route.holders if self._saturated(route.model, h)}
+
     def grant_slots(self) -> None:
         """Send held requests, oldest first, to the holders the strategy chooses for them where those are not
         saturated for their adapter (each is counted as started there at once, so the next one sees the slot
@@ -502,8 +507,11 @@ class Router:
             if waiter.model in blocked:
                 continue
             route = self.table.lookup(waiter.model)
-            holder = self.strategy.choose(route, acc.pods, (), waiter.seq) if route is not None else None
-            if holder is None or self._saturated(waiter.model, holder):
+            full = self._saturated_holders(route) if route is not None else set()
+            holder = None
+            if route is not None and len(full) < len(route.holders):
+                holder = self.strategy.choose(route, acc.pods, full, waiter.seq)  # among the others only
+            if holder is None:
                 blocked.add(waiter.model)
                 continue
             self._slot_waiters.remove(waiter)
